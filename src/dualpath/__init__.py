@@ -1,0 +1,10 @@
+"""dualpath: Dual-Path (deep + wide) and Duo-LLM language models, with exact FLOP accounting."""
+
+from .config import ModelConfig, load_config
+from .errors import CheckpointError, ConfigError, DataError, DualPathError
+from .model import DualPathLM, KVCache, LMOutput, Overrides, swiglu_hidden
+
+__version__ = "0.1.0"
+
+__all__ = ["ModelConfig", "load_config", "DualPathLM", "KVCache", "LMOutput", "Overrides", "swiglu_hidden",
+           "DualPathError", "ConfigError", "DataError", "CheckpointError"]

@@ -1,0 +1,286 @@
+"""One config tree: dataclasses, loaded from YAML, with dotted `key=value` overrides.
+
+Unknown keys are rejected with the nearest valid name; wrong types and inconsistent values raise a
+one-line ConfigError. Every section validates itself in `validate()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+ARCHS = ("wide", "loop", "dual", "duo")
+GATE_MODES = ("two_gates", "convex", "softmax", "fixed")
+
+
+@dataclass
+class ModelConfig:
+    """The backbone and the architecture. Names follow the Dual-Path paper (arXiv 2605.30202)."""
+
+    arch: str = "dual"  # wide | loop | dual | duo
+    vocab_size: int = 50304
+    d_model: int = 768
+    n_layers: int = 16
+    n_heads: int = 12
+    n_kv_heads: int = 12
+    seq_len: int = 4096  # longest context; RoPE tables are built for it
+    rope_base: float = 500000.0
+    qk_norm: bool = True
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # Configured SwiGLU widths (before the 2/3 reduction); the built hidden width is
+    # ffn_multiple * ceil(floor(2*d_ffn/3) / ffn_multiple).
+    d_ffn_deep: int = 0  # loop and dual
+    d_ffn_wide: int = 0  # wide and dual
+    ffn_multiple: int = 256
+    # Branch gains s = softplus(beta) (wide) and softplus(a_k) (per loop step).
+    branch_scale_init: float = -7.0
+    wide_gain: bool = True  # False: plain transformer block, s = 1
+    K: int = 4  # loop steps of the deep path
+    max_loops: int = 16  # step gains kept, so K can be raised at inference
+    ponder_weight: float = 0.0  # weight of the expected-steps penalty
+    gate_mode: str = "two_gates"  # two_gates | convex | softmax | fixed
+    fixed_gate_deep: float = 0.5  # gate_mode=fixed
+    fixed_gate_wide: float = 0.5
+    # Duo-LLM (arch=duo): big/small FFN per layer, or skip.
+    d_ffn_big: int = 0
+    d_ffn_small: int = 0  # 0: d_ffn_big // 16
+    skip_whole_layer: bool = False  # skip bypasses attention too
+
+    def validate(self) -> "ModelConfig":
+        _one_of("model.arch", self.arch, ARCHS)
+        _one_of("model.gate_mode", self.gate_mode, GATE_MODES)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "seq_len", "ffn_multiple"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError(f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}")
+        if self.K < 1:
+            raise ConfigError(f"model.K must be >= 1, got {self.K}")
+        if self.max_loops < self.K:
+            raise ConfigError(f"model.max_loops={self.max_loops} must be >= model.K={self.K}")
+        if self.rope_base <= 0:
+            raise ConfigError(f"model.rope_base must be > 0, got {self.rope_base}")
+        if self.ponder_weight < 0:
+            raise ConfigError(f"model.ponder_weight must be >= 0, got {self.ponder_weight}")
+        need = {"wide": ("d_ffn_wide",), "loop": ("d_ffn_deep",), "dual": ("d_ffn_deep", "d_ffn_wide"),
+                "duo": ("d_ffn_big",)}[self.arch]
+        for name in need:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1 for arch={self.arch}, got {getattr(self, name)}")
+        if self.arch == "duo" and self.small_width() < 1:
+            raise ConfigError(f"model.d_ffn_small must be >= 1, got {self.small_width()}")
+        return self
+
+    def small_width(self) -> int:
+        return self.d_ffn_small or self.d_ffn_big // 16
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    # torchtitan-style: the config answers parameter and FLOP questions without allocating weights.
+    def meta_model(self):
+        import torch
+
+        from .model import DualPathLM
+
+        with torch.device("meta"):
+            return DualPathLM(self)
+
+    def num_params(self) -> dict[str, int]:
+        return self.meta_model().param_counts()
+
+    def flops_per_token(self, seq_len: int | None = None, convention: str = "true") -> float:
+        return self.meta_model().flops_per_token(seq_len or self.seq_len, convention=convention)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic loading: YAML -> nested dataclasses, with checked types and nearest-key suggestions.
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        more = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(f"{key}='{value}' is not one of {', '.join(map(str, allowed))}{more}")
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    more = f"; did you mean '{hint[0]}'?" if hint else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{where}{key}'{more}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if errors else ConfigError(f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin in (list, tuple):
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        out = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return out if origin is list else tuple(out)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key(str(key), list(fields), prefix)
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def apply_overrides(obj: Any, overrides: list[str] | tuple[str, ...]) -> Any:
+    """Apply `a.b.c=value` overrides (values parsed as YAML scalars) to a dataclass tree, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        path, raw = item.split("=", 1)
+        parts = path.strip().split(".")
+        target = obj
+        for depth, part in enumerate(parts):
+            names = [f.name for f in dataclasses.fields(target)]
+            where = ".".join(parts[:depth]) + ("." if depth else "")
+            if part not in names:
+                raise _unknown_key(part, names, where)
+            if depth == len(parts) - 1:
+                try:
+                    value = yaml.safe_load(raw) if raw.strip() else ""
+                except yaml.YAMLError:
+                    value = raw
+                hint = typing.get_type_hints(type(target))[part]
+                setattr(target, part, _coerce(value, hint, path))
+            else:
+                target = getattr(target, part)
+                if not dataclasses.is_dataclass(target):
+                    raise ConfigError(f"'{'.'.join(parts[:depth + 1])}' is not a config section")
+    return obj
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"invalid YAML in {p}{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping at the top level")
+    return data
+
+
+def validate_tree(obj: Any) -> Any:
+    """Call validate() on every section of a dataclass tree."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            validate_tree(v)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Load `cls` from an optional YAML file plus overrides, then validate the whole tree."""
+    data = load_yaml(path) if path is not None else {}
+    obj = from_dict(cls, data)
+    apply_overrides(obj, overrides)
+    return validate_tree(obj)
+
+
+@dataclass
+class RunConfig:
+    """The root of the config tree. Sections beyond `model` are added by the trainer and tools."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
