@@ -122,7 +122,7 @@ def _one_of(key: str, value: Any, allowed: tuple) -> None:
 
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
     hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    more = f"; did you mean '{hint[0]}'?" if hint else f"; valid keys: {', '.join(valid)}"
+    more = f"; did you mean '{where}{hint[0]}'?" if hint else f"; valid keys: {', '.join(valid)}"
     return ConfigError(f"unknown config key '{where}{key}'{more}")
 
 
@@ -280,7 +280,88 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
 
 
 @dataclass
+class DataConfig:
+    path: str = ""  # a folder written by `dualpath prepare`
+    batch_size: int = 8  # sequences per micro-batch per rank
+    seq_len: int = 0  # 0: model.seq_len
+
+    def validate(self) -> "DataConfig":
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.seq_len < 0:
+            raise ConfigError(f"data.seq_len must be >= 0, got {self.seq_len}")
+        return self
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4  # floor of the decay
+    weight_decay: float = 0.1  # never on embeddings, norms, gains, gates or router biases
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd | constant
+    wsd_decay_frac: float = 0.2  # wsd: share of steps spent decaying at the end
+
+    def validate(self) -> "OptimConfig":
+        _one_of("optim.schedule", self.schedule, ("cosine", "wsd", "constant"))
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"need 0 <= optim.min_lr <= optim.lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("optim.beta1 and optim.beta2 must be in [0, 1)")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must be >= 0")
+        if not 0 <= self.wsd_decay_frac <= 1:
+            raise ConfigError(f"optim.wsd_decay_frac must be in [0, 1], got {self.wsd_decay_frac}")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    # The horizon: exactly one of these (target_flops counts true training FLOPs, 3x forward).
+    steps: int = 0
+    tokens: int = 0
+    target_flops: float = 0.0
+    grad_accum: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16
+    compile: bool = False
+    fsdp: bool = False  # FSDP2 fully_shard (GPU); otherwise DDP when launched by torchrun
+    log_every: int = 10
+    eval_every: int = 100  # 0: only at the end
+    eval_batches: int = 8
+    save_every: int = 200  # 0: only at the end
+    keep_last: int = 2
+    resume: str = ""  # "" | auto | PATH
+    tensorboard: bool = True
+    progress: bool = True
+    peak_flops: float = 0.0  # FLOP/s for MFU; 0: measure a GEMM peak at start (CPU) or use the GPU's spec
+
+    def validate(self) -> "TrainConfig":
+        _one_of("train.device", self.device, ("auto", "cpu", "cuda"))
+        _one_of("train.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        set_ = [n for n in ("steps", "tokens", "target_flops") if getattr(self, n) > 0]
+        if len(set_) > 1:
+            raise ConfigError(f"set only one of train.steps, train.tokens, train.target_flops (got {', '.join(set_)})")
+        for n in ("steps", "tokens", "target_flops", "eval_every", "save_every", "peak_flops"):
+            if getattr(self, n) < 0:
+                raise ConfigError(f"train.{n} must be >= 0, got {getattr(self, n)}")
+        for n in ("grad_accum", "log_every", "keep_last", "eval_batches"):
+            if getattr(self, n) < 1:
+                raise ConfigError(f"train.{n} must be >= 1, got {getattr(self, n)}")
+        return self
+
+
+@dataclass
 class RunConfig:
-    """The root of the config tree. Sections beyond `model` are added by the trainer and tools."""
+    """The root of the config tree: what `dualpath train CONFIG.yaml key=value ...` reads."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -550,6 +550,17 @@ class DualPathLM(nn.Module):
     def _wants_ponder(self, targets) -> bool:
         return targets is not None and self.cfg.ponder_weight > 0 and self.cfg.arch in ("loop", "dual")
 
+    @torch.no_grad()
+    def summary_metrics(self, idx) -> dict[str, float]:
+        """Per-layer means of the gates and expected loop steps on a batch, for the training log."""
+        out = self(idx, return_diagnostics=True)
+        rec = {}
+        for i, diag in enumerate(out.diagnostics):
+            for key in ("gate_deep", "gate_wide", "expected_steps"):
+                if key in diag:
+                    rec[f"{key}/{i}"] = diag[key].float().mean().item()
+        return rec
+
     # -- accounting ------------------------------------------------------------------------------
 
     def flops_per_token(self, seq_len: int | None = None, convention: str = "true", K: int | None = None) -> float:

@@ -1,0 +1,194 @@
+"""Checkpoints: one folder per step, written atomically (temp folder, fsync, rename), read with weights_only.
+
+    RUN/checkpoints/step_00000100/
+        model.safetensors   weights (a tied LM head is stored once, as embed.weight)
+        optimizer.pt        optimizer state            (torch.load(weights_only=True))
+        trainer_state.pt    step, RNG states, data position, counters
+        config.yaml         the whole config tree, with its version
+        tokenizer.json      copied from the data folder, so eval and generate need nothing else
+        data_meta.json
+    RUN/checkpoints/latest  the name of the newest complete checkpoint (replaced atomically)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from .config import RunConfig, from_dict, to_dict
+from .errors import CheckpointError, ConfigError
+
+CONFIG_VERSION = 1
+WEIGHTS = "model.safetensors"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def weights_for_saving(state: dict, cfg: RunConfig) -> dict:
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    if cfg.model.tie_embeddings:
+        state.pop("lm_head.weight", None)  # the same tensor as embed.weight
+    return state
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, cfg: RunConfig, *,
+                    optimizer_state: dict | None = None, trainer_state: dict | None = None,
+                    files: dict[str, Path] | None = None, keep_last: int = 2) -> Path:
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(weights_for_saving(model_state, cfg), str(tmp / WEIGHTS), metadata={"format": "pt"})
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    (tmp / "config.yaml").write_text(yaml.safe_dump({"config_version": CONFIG_VERSION, **to_dict(cfg)},
+                                                    sort_keys=False))
+    for name, src in (files or {}).items():
+        if src is not None and Path(src).is_file():
+            shutil.copyfile(src, tmp / name)
+    for f in tmp.iterdir():
+        _fsync_file(f)
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    atomic_write_text(root / "latest", final.name + "\n")
+    _prune(root, keep_last)
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder from a checkpoint folder, a run folder, or a checkpoints folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if (p / WEIGHTS).is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        latest = root / "latest"
+        if latest.is_file():
+            cand = root / latest.read_text().strip()
+            if (cand / WEIGHTS).is_file():
+                return cand
+        steps = sorted(q for q in root.glob("step_*") if (q / WEIGHTS).is_file())
+        if steps:
+            return steps[-1]
+    raise CheckpointError(f"no checkpoint in {p} (expected {WEIGHTS} or a checkpoints/ folder)")
+
+
+def find_latest(run_dir: str | Path) -> Path | None:
+    try:
+        return resolve(Path(run_dir) / "checkpoints")
+    except CheckpointError:
+        return None
+
+
+def load_config(ckpt: Path) -> RunConfig:
+    path = ckpt / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} has no config.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise CheckpointError(f"corrupt config.yaml in {ckpt}") from None
+    version = data.pop("config_version", 0)
+    if version > CONFIG_VERSION:
+        raise CheckpointError(f"checkpoint {ckpt} has config version {version}; this dualpath reads up to "
+                              f"{CONFIG_VERSION}: upgrade dualpath")
+    data = _upgrade(data, version)
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {ckpt} config: {e}") from None
+
+
+def _upgrade(data: dict, version: int) -> dict:
+    """Bring an older config tree up to CONFIG_VERSION. Version 0 had no version field; same layout."""
+    return data
+
+
+def load_weights(ckpt: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(ckpt / WEIGHTS))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"corrupt weights in {ckpt / WEIGHTS}: {str(e).splitlines()[0]}") from None
+
+
+def load_torch(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means a corrupt file
+        raise CheckpointError(f"corrupt checkpoint file {path}: {str(e).splitlines()[0][:200]}") from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """Build the model stored at `path` (run, checkpoints or step folder). Returns (model, config, folder)."""
+    from .model import DualPathLM
+
+    ckpt = resolve(path)
+    cfg = load_config(ckpt)
+    try:
+        cfg.model.validate()
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
+    model = DualPathLM(cfg.model)
+    state = load_weights(ckpt)
+    if cfg.model.tie_embeddings:
+        state.setdefault("lm_head.weight", state.get("embed.weight"))
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"weights in {ckpt} do not fit its config: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise CheckpointError(f"weights in {ckpt}: {k} has shape {tuple(v.shape)}, the config builds "
+                                  f"{tuple(expected[k].shape)}")
+    model.load_state_dict(state)
+    return model.to(device).eval(), cfg, ckpt

@@ -1,0 +1,82 @@
+"""Sampling with a KV cache (one cache per loop step of the deep block, one for the wide block).
+
+    dualpath generate CHECKPOINT --prompt "..." [--max-new-tokens --temperature --top-k --top-p --seed]
+    dualpath.generate(model, tokenizer, "prompt", max_new_tokens=50)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import DualPathError
+from .model import KVCache, Overrides
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V). temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                    eos_id: int | None = None, use_cache: bool = True,
+                    overrides: Overrides | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time. Stops at eos_id, after max_new_tokens, or at the context end."""
+    ctx = model.cfg.seq_len
+    if not prompt_ids:
+        raise DualPathError("the prompt is empty")
+    if len(prompt_ids) > ctx:
+        raise DualPathError(f"the prompt has {len(prompt_ids)} tokens, longer than the context ({ctx})")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    max_new_tokens = min(max_new_tokens, ctx - len(prompt_ids))
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    cache = KVCache(ctx) if use_cache else None
+    step_input = ids
+    for _ in range(max_new_tokens):
+        logits = model(step_input if use_cache else ids, overrides=overrides, cache=cache).logits[:, -1]
+        nxt = sample_next(logits.cpu(), temperature, top_k, top_p, gen).to(device)
+        token = int(nxt.item())
+        yield token
+        if eos_id is not None and token == eos_id:
+            return
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        step_input = nxt.view(1, 1)
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, *, stream: Callable[[str], None] | None = None,
+             bos: bool = True, **kw) -> str:
+    """Generate text after `prompt`. `stream` receives text pieces as they are decoded."""
+    eos_id = tokenizer.token_to_id("<|endoftext|>")
+    ids = ([eos_id] if bos and eos_id is not None else []) + tokenizer.encode(prompt).ids
+    out: list[int] = []
+    printed = ""
+    for token in generate_tokens(model, ids, max_new_tokens, eos_id=eos_id, **kw):
+        if token == eos_id:
+            break
+        out.append(token)
+        text = tokenizer.decode(out)
+        if stream is not None and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
+            stream(text[len(printed):])
+            printed = text
+    text = tokenizer.decode(out)
+    if stream is not None and len(text) > len(printed):
+        stream(text[len(printed):])
+    return text

@@ -1,0 +1,489 @@
+"""The trainer. It knows nothing about a specific architecture: it needs a model whose forward returns an
+object with `.loss` (and `.per_token_loss` on request) and that reports `train_flops_per_token(seq_len)`.
+
+    dualpath train CONFIG.yaml [key=value ...] [--steps N | --tokens N | --target-flops F] [--resume auto|PATH]
+    torchrun --nproc_per_node N -m dualpath.train CONFIG.yaml ...      (DDP: gloo on CPU, nccl on GPU)
+
+Batches are addressed by a global window counter, so a run resumes exactly from the counter alone, and
+N ranks with accumulation A see the same windows as one rank with accumulation N·A.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+
+from . import checkpoint as ckpt_io
+from .config import OptimConfig, RunConfig
+from .errors import DataError, DualPathError
+from .perf import peak_flops
+
+LN2 = math.log(2.0)
+
+
+class TrainingError(DualPathError):
+    """The run cannot go on (a non-finite loss); nothing poisoned was saved."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser and schedule
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only matrices; never embeddings, norms, gains, gates or biases (all 1-D, or named)."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.ndim >= 2 and not name.startswith("embed.") and ".gate." not in name:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps)
+
+
+def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
+    """Linear warmup into cosine decay to min_lr (or WSD: warmup, stable, linear decay at the end)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.wsd_decay_frac * total))
+        start = total - decay_steps
+        if step < start:
+            return cfg.lr
+        return cfg.lr + (cfg.min_lr - cfg.lr) * min(1.0, (step - start + 1) / decay_steps)
+    span = max(1, total - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed set-up (applied outside the model)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device_type: str) -> Dist:
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return Dist()
+    import torch.distributed as dist
+
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(name: str, d: Dist) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise DualPathError("train.device=cuda but no CUDA device is available")
+        torch.cuda.set_device(d.local_rank)
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+def wrap_model(model: nn.Module, cfg: RunConfig, device: torch.device, d: Dist) -> nn.Module:
+    """DDP or FSDP2 around the single-device model, then torch.compile."""
+    if d.enabled and cfg.train.fsdp:
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import fully_shard
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    elif d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=_has_unused_params(model, device))
+    if cfg.train.compile:
+        model = torch.compile(model)
+    return model
+
+
+def _has_unused_params(model: nn.Module, device: torch.device) -> bool:
+    """One tiny forward/backward tells DDP whether some parameters never get a gradient (e.g. K=1 routers)."""
+    idx = torch.zeros(1, 4, dtype=torch.long, device=device)
+    rng = torch.get_rng_state()  # a routing policy may draw random numbers; the run must not notice
+    model(idx, idx).loss.backward()
+    torch.set_rng_state(rng)
+    unused = any(p.requires_grad and p.grad is None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    return unused
+
+
+def _sync_ctx(model: nn.Module, last_micro: bool, d: Dist):
+    """Skip gradient sync on non-final micro-steps."""
+    if not d.enabled:
+        return contextlib.nullcontext()
+    inner = getattr(model, "_orig_mod", model)
+    if hasattr(inner, "no_sync") and not last_micro:
+        return inner.no_sync()
+    if hasattr(inner, "set_requires_gradient_sync"):  # FSDP2
+        inner.set_requires_gradient_sync(last_micro)
+    return contextlib.nullcontext()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def full_state_dict(model: nn.Module, cfg: RunConfig) -> dict:
+    if cfg.train.fsdp and torch.distributed.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return unwrap(model).state_dict()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+class Batches:
+    """Train and val windows of a prepared folder, addressed by a global window counter."""
+
+    def __init__(self, path: str, seq_len: int, seed: int, model_vocab: int):
+        from .data.shards import TokenShards, WindowSampler
+
+        root = Path(path)
+        if not path or not root.is_dir():
+            raise DataError(f"data folder not found: '{path}' (set data.path to a folder made by `dualpath prepare`)")
+        meta_path = root / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(f"{root} has no meta.json: prepare it with `dualpath prepare`")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            raise DataError(f"corrupt meta.json in {root}") from None
+        vocab = int(self.meta.get("vocab_size", 0))
+        if vocab > model_vocab:
+            raise DataError(f"vocabulary mismatch: the data in {root} uses {vocab} token ids but model.vocab_size "
+                            f"is {model_vocab}")
+        self.root, self.seq_len = root, seq_len
+        self.train = TokenShards(root, "train")
+        self.val = TokenShards(root, "val")
+        for name, shards in (("train", self.train), ("val", self.val)):
+            if shards.n_tokens == 0:
+                raise DataError(f"the {name} split in {root} is empty")
+        self.train_sampler = WindowSampler(self.train.n_tokens, seq_len, seed, split="train")
+        self.val_sampler = WindowSampler(self.val.n_tokens, seq_len, seed, split="val")
+        self.byte_lengths = self._byte_lengths()
+
+    def _byte_lengths(self):
+        from tokenizers import Tokenizer
+
+        from .data.shards import token_byte_lengths
+
+        tok = self.root / "tokenizer.json"
+        return torch.from_numpy(np.asarray(token_byte_lengths(Tokenizer.from_file(str(tok))), dtype=np.int64)) \
+            if tok.is_file() else None
+
+    def get(self, split: str, start: int, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        shards, sampler = (self.train, self.train_sampler) if split == "train" else (self.val, self.val_sampler)
+        w = torch.from_numpy(np.asarray(sampler.batch(shards, start, count), dtype=np.int64))
+        return w[:, :-1].to(device, non_blocking=True), w[:, 1:].to(device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def horizon(cfg: RunConfig, tokens_per_step: int, train_flops_per_token: float) -> int:
+    t = cfg.train
+    if t.steps:
+        return t.steps
+    if t.tokens:
+        return max(1, math.ceil(t.tokens / tokens_per_step))
+    if t.target_flops:
+        steps = int(t.target_flops // (train_flops_per_token * tokens_per_step))
+        if steps < 1:
+            raise DualPathError(f"train.target_flops={t.target_flops:.3g} is less than one step "
+                                f"({train_flops_per_token * tokens_per_step:.3g} FLOPs)")
+        return steps
+    raise DualPathError("set the horizon: --steps, --tokens or --target-flops (train.steps/tokens/target_flops)")
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, batches: Batches, n_batches: int, batch_size: int, device, d: Dist,
+                   autocast) -> dict:
+    """Mean loss and exact bits per byte over a fixed set of val windows (split across ranks)."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    tok_sum = torch.zeros((), dtype=torch.float64, device=device)
+    byte_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_windows = max(1, batches.val_sampler.n_windows)
+    for i in range(d.rank, n_batches, d.world):
+        start = i * batch_size
+        count = min(batch_size, n_windows - start) if start < n_windows else 0
+        if count <= 0:
+            break
+        x, y = batches.get("val", start, count, device)
+        with autocast:
+            out = model(x, y, return_per_token_loss=True)
+        loss_sum += out.per_token_loss.double().sum()
+        tok_sum += y.numel()
+        if batches.byte_lengths is not None:
+            byte_sum += batches.byte_lengths.to(device)[y].sum()
+    if d.enabled:
+        import torch.distributed as dist
+
+        for t in (loss_sum, tok_sum, byte_sum):
+            dist.all_reduce(t)
+    model.train()
+    loss = (loss_sum / tok_sum.clamp(min=1)).item()
+    bpb = (loss_sum / LN2 / byte_sum).item() if byte_sum.item() > 0 else float("nan")
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": bpb, "val_tokens": int(tok_sum.item())}
+
+
+def _rng_state(device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class _Logger:
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.is_file():  # drop lines the resumed run will write again
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
+                    and json.loads(ln).get("step", 0) <= resume_step]
+            ckpt_io.atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+        elif self.path.exists():
+            self.path.unlink()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tb"))
+            except ImportError:
+                self.tb = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _progress(enabled: bool, total: int, start: int):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                 TextColumn("{task.fields[info]}"), transient=False)
+    p.start()
+    p.add_task("train", total=total, completed=start, info="")
+    return p
+
+
+def train(cfg: RunConfig) -> dict:
+    """Train `cfg.model` on `cfg.data` to the configured horizon. Returns the final summary."""
+    from .model import DualPathLM
+
+    t = cfg.train
+    device_type = "cuda" if (t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else "cpu"
+    d = init_distributed(device_type)
+    device = pick_device(t.device, d)
+    seq_len = cfg.data.seq_len or cfg.model.seq_len
+    if seq_len > cfg.model.seq_len:
+        raise DualPathError(f"data.seq_len={seq_len} is longer than model.seq_len={cfg.model.seq_len}")
+    out_dir = Path(t.out_dir)
+    batches = Batches(cfg.data.path, seq_len, t.seed, cfg.model.vocab_size)
+
+    torch.manual_seed(t.seed)
+    model = DualPathLM(cfg.model).to(device)
+    raw = model
+    B, A = cfg.data.batch_size, t.grad_accum
+    tokens_per_step = B * A * d.world * seq_len
+    train_fpt = raw.train_flops_per_token(seq_len)
+    total_steps = horizon(cfg, tokens_per_step, train_fpt)
+    optimizer = build_optimizer(raw, cfg.optim)
+
+    step, windows = 0, 0  # windows: the global window counter (what the data loader has consumed)
+    resume_from = None
+    if t.resume:
+        resume_from = ckpt_io.find_latest(out_dir) if t.resume == "auto" else ckpt_io.resolve(t.resume)
+    if resume_from is not None:
+        step, windows = _restore(resume_from, raw, optimizer, device)
+        if step >= total_steps and (out_dir / "summary.json").is_file():
+            return json.loads((out_dir / "summary.json").read_text())
+    model = wrap_model(raw, cfg, device, d)
+
+    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    peak, peak_src = peak_flops(device, t.peak_flops) if d.main else (1.0, "")
+    logger = _Logger(out_dir, d.main, t.tensorboard, step if resume_from is not None else None)
+    files = {"tokenizer.json": batches.root / "tokenizer.json", "data_meta.json": batches.root / "meta.json"}
+    if d.main:
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(
+            {"config_version": ckpt_io.CONFIG_VERSION, **dataclasses.asdict(cfg)}, sort_keys=False))
+        logger.log({"step": step, "event": "start", "params": raw.param_counts()["total"],
+                    "train_flops_per_token": train_fpt, "tokens_per_step": tokens_per_step,
+                    "total_steps": total_steps, "peak_flops": peak, "peak_source": peak_src, "world": d.world,
+                    "device": str(device), "resumed_from": str(resume_from) if resume_from else None})
+
+    def save(at_step: int):
+        state = full_state_dict(model, cfg)
+        if d.main:
+            ckpt_io.save_checkpoint(out_dir, at_step, state, cfg, optimizer_state=optimizer.state_dict(),
+                                    trainer_state={"step": at_step, "rng": _rng_state(device),
+                                                   "window_counter": windows,
+                                                   "world": d.world, "tokens": at_step * tokens_per_step},
+                                    files=files, keep_last=t.keep_last)
+
+    progress = _progress(t.progress and d.main, total_steps, step)
+    model.train()
+    t0, tokens_since, last_metrics = time.perf_counter(), 0, {}
+    try:
+        while step < total_steps:
+            lr = lr_at(step, total_steps, cfg.optim)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            loss_acc = torch.zeros((), device=device)
+            for a in range(A):
+                x, y = batches.get("train", windows + (a * d.world + d.rank) * B, B, device)
+                with _sync_ctx(model, a == A - 1, d), autocast:
+                    loss = model(x, y).loss / A
+                with _sync_ctx(model, a == A - 1, d):
+                    loss.backward()
+                loss_acc += loss.detach()
+            if d.enabled:
+                import torch.distributed as dist
+
+                dist.all_reduce(loss_acc, op=dist.ReduceOp.AVG if device.type == "cuda" else dist.ReduceOp.SUM)
+                if device.type != "cuda":
+                    loss_acc /= d.world
+            loss_value = loss_acc.item()
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"loss became {loss_value} at step {step + 1}; stopped without saving "
+                                    f"(last good checkpoint: {ckpt_io.find_latest(out_dir) or 'none'})")
+            gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip
+                     else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters()
+                                         if p.grad is not None)))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            windows += B * A * d.world
+            tokens_since += tokens_per_step
+
+            if step % t.log_every == 0 or step == total_steps:
+                dt = time.perf_counter() - t0
+                tps = tokens_since / max(dt, 1e-9)
+                gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+                rec = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": tps,
+                       "mfu": tps * train_fpt / peak, "tokens": step * tokens_per_step,
+                       "flops": step * tokens_per_step * train_fpt}
+                summary = getattr(raw, "summary_metrics", None)
+                if summary is not None:
+                    with autocast:
+                        rec.update(summary(x[:1]))
+                logger.log(rec)
+                last_metrics = rec
+                t0, tokens_since = time.perf_counter(), 0
+                if progress is not None:
+                    progress.update(progress.task_ids[0], completed=step,
+                                    info=f"loss {loss_value:.3f}  {tps:,.0f} tok/s")
+            elif progress is not None:
+                progress.update(progress.task_ids[0], completed=step)
+            if (t.eval_every and step % t.eval_every == 0) or step == total_steps:
+                ev = evaluate_split(model, batches, t.eval_batches, B, device, d, autocast)
+                logger.log({"step": step, **ev})
+                last_metrics = {**last_metrics, **ev}
+            if (t.save_every and step % t.save_every == 0) or step == total_steps:
+                save(step)
+    finally:
+        if progress is not None:
+            progress.stop()
+        logger.close()
+    result = {"step": step, "out_dir": str(out_dir), "params": raw.param_counts()["total"],
+              "train_flops_per_token": train_fpt, "flops": step * tokens_per_step * train_fpt,
+              "tokens": step * tokens_per_step, **{k: v for k, v in last_metrics.items() if k != "step"}}
+    if d.main:
+        ckpt_io.atomic_write_text(out_dir / "summary.json", json.dumps(result, indent=2))
+    return result
+
+
+def _restore(path: Path, model: nn.Module, optimizer, device) -> int:
+    state = ckpt_io.load_weights(path)
+    if "lm_head.weight" not in state and "embed.weight" in state:
+        state["lm_head.weight"] = state["embed.weight"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ckpt_io.CheckpointError(f"cannot resume from {path}: weights do not fit the config "
+                                      f"({str(e).splitlines()[0][:160]})") from None
+    if (path / "optimizer.pt").is_file():
+        optimizer.load_state_dict(ckpt_io.load_torch(path / "optimizer.pt"))
+    ts = ckpt_io.load_torch(path / "trainer_state.pt")
+    _set_rng_state(ts["rng"], device)
+    return int(ts["step"]), int(ts["window_counter"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
