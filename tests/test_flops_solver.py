@@ -273,6 +273,41 @@ def test_solver_follows_paper_rules(d, H, Hkv, budget, m, arch, K, alpha):
         assert r["flops_paper_per_layer"] >= budget
 
 
+BOUNDARY_BB = dict(d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000)
+
+
+def boundary_budget(arch, K, alpha, w, m, path):
+    """The budget at which width w of `path` just fits (exact in float64 for these K and alpha)."""
+    d = BOUNDARY_BB["d_model"]
+    attn, gate, f = attn_paper(d, 4, 2), 4 * d, 6 * d * hidden(w, m)
+    if arch == "loop":
+        return K * (attn + f)
+    if arch == "wide":
+        return attn + 6 * d * w  # here w is the hidden width h that the wide rule rounds up to
+    share = alpha / K if path == "deep" else 1 - alpha
+    return (attn + f) / share + gate
+
+
+@pytest.mark.parametrize("arch,K,alpha,path", [("loop", 1, 0.5, "deep"), ("loop", 2, 0.5, "deep"),
+                                               ("loop", 4, 0.5, "deep"), ("wide", 1, 0.5, "wide"),
+                                               ("dual", 2, 0.5, "deep"), ("dual", 4, 0.75, "deep"),
+                                               ("dual", 2, 0.25, "wide"), ("dual", 1, 0.75, "wide")])
+@pytest.mark.parametrize("w_mult", [1, 2, 3, 8])
+@pytest.mark.parametrize("offset", [-1.0, 0.0, 1.0])
+def test_solver_at_exact_width_boundaries(arch, K, alpha, path, w_mult, offset):
+    """Budgets one FLOP either side of the point where a width just fits, against the brute force."""
+    m = 64
+    budget = boundary_budget(arch, K, alpha, w_mult * m, m, path) + offset
+    bb = ModelConfig(**BOUNDARY_BB)
+    expected = brute_solve(256, 4, 2, budget, arch, K, alpha, m)
+    if any(w is not None and w < 1 for w in expected):
+        with pytest.raises(ConfigError):
+            solve(bb, budget, arch, K=K, alpha=alpha, multiple=m, build_multiple=m)
+        return
+    r = solve(bb, budget, arch, K=K, alpha=alpha, multiple=m, build_multiple=m)
+    assert (r["d_ffn_deep"], r["d_ffn_wide"]) == tuple(w or None for w in expected)
+
+
 @pytest.mark.parametrize("K", [1, 2, 4])
 @pytest.mark.parametrize("T", [256, 2048])
 def test_match_true_loop_is_largest_width_at_or_below_budget(K, T):

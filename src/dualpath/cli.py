@@ -107,6 +107,82 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from .config import apply_overrides
+    from .data.prepare import prepare
+    from .data.sources import decode_escapes
+    from .data.synthetic import SyntheticConfig
+
+    synthetic = apply_overrides(SyntheticConfig(), [f"{kv}" for kv in args.synthetic]).validate()
+    meta = prepare(args.sources, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                   val_fraction=args.val_fraction, max_tokens=args.max_tokens, shard_tokens=args.shard_tokens,
+                   field=args.field, template=decode_escapes(args.template) if args.template else None, split=args.split, doc_split=args.doc_split,
+                   synthetic=synthetic, synthetic_eval_per_category=args.synthetic_eval, seed=args.seed,
+                   overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
+          f"vocab {meta['vocab_size']}")
+    return 0
+
+
+def _load_for_inference(path: str):
+    from .checkpoint import load_model
+    from .evaluate import check_tokenizer, load_tokenizer
+
+    model, cfg, ckpt = load_model(path)
+    tokenizer = load_tokenizer(ckpt)
+    check_tokenizer(tokenizer, model)
+    return model, tokenizer, ckpt
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def cmd_eval(args) -> int:
+    from .checkpoint import atomic_write_text
+    from .evaluate import evaluate_datasets, results_markdown
+
+    model, tokenizer, ckpt = _load_for_inference(args.checkpoint)
+    gates = [g for g in (args.gates or "").split(",") if g] if args.gates else None
+    res = evaluate_datasets(model, tokenizer, args.data, force_K=args.force_K, gates=gates,
+                            batch_size=args.batch_size, limit=args.limit, exact_match=not args.no_exact_match,
+                            log=None if args.json else (lambda m: print(m, file=sys.stderr)))
+    res["checkpoint"] = str(ckpt)
+    if args.out:
+        atomic_write_text(args.out, json.dumps(res, indent=2))
+    if args.json:
+        _print_json(res)
+    else:
+        print(results_markdown(res))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate
+    from .model import Overrides
+
+    model, tokenizer, _ = _load_for_inference(args.checkpoint)
+    if args.K is not None and not 1 <= args.K <= model.cfg.max_loops:
+        raise DualPathError(f"--K {args.K} is outside 1..max_loops={model.cfg.max_loops}")
+    ov = Overrides(K=args.K, gates=args.gates) if (args.K or args.gates) else None
+    print(args.prompt, end="", flush=True)
+    generate(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+             top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache, overrides=ov,
+             stream=lambda piece: print(piece, end="", flush=True))
+    print()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -148,6 +224,57 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", help="auto, or a checkpoint/run folder")
     s.add_argument("--out", help="run folder (train.out_dir)")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("prepare", help="tokenize text sources into train/val shards (see docs/DATA.md)")
+    s.add_argument("sources", nargs="+", help="files, globs, folders, x.jsonl, datasets:DIR, hf:NAME, synthetic; "
+                   "each optionally @WEIGHT")
+    s.add_argument("--out", required=True)
+    s.add_argument("--vocab-size", type=int, default=8192)
+    s.add_argument("--tokenizer", help="an existing tokenizer.json instead of training one")
+    s.add_argument("--val-fraction", type=float, default=0.01)
+    s.add_argument("--max-tokens", type=int)
+    s.add_argument("--shard-tokens", type=int, default=2 ** 24)
+    s.add_argument("--field", help="JSONL/dataset field holding the text")
+    s.add_argument("--template", help='JSONL/dataset template, e.g. "{question}\\n{answer}"')
+    s.add_argument("--split", default="train", help="split of datasets:/hf: sources")
+    s.add_argument("--doc-split", choices=["chunk", "blank", "heading", "line", "file"])
+    s.add_argument("--synthetic", action="append", default=[], metavar="KEY=VALUE",
+                   help="a synthetic corpus knob, e.g. --synthetic n_entities=500 (see docs/SYNTHETIC.md)")
+    s.add_argument("--synthetic-eval", type=int, default=200, help="held-out synthetic examples per category")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("eval", help="loss, perplexity, BPB, answer accuracy and the paper's ablations")
+    s.add_argument("checkpoint")
+    s.add_argument("--data", nargs="+", required=True, help="prepared folders, .txt files or Q/A .jsonl files")
+    s.add_argument("--force-K", type=_int_list, help="e.g. 1,2,3,5,8,10")
+    s.add_argument("--gates", help="comma-separated: deep-only, wide-only, both=0.5, both=1, shuffled")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--limit", type=int, help="at most this many windows / examples (per category)")
+    s.add_argument("--no-exact-match", action="store_true", help="skip greedy answer decoding")
+    s.add_argument("--out", help="also write the JSON here")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("generate", help="sample text with a KV cache")
+    s.add_argument("checkpoint")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--K", type=int, help="loop steps at inference")
+    s.add_argument("--gates", help="deep-only, wide-only, both=C or shuffled")
+    s.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("demo", help="PureWide vs Dual at matched FLOPs on the synthetic corpus (make demo)")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--quick", action="store_true", help="a much shorter run")
+    s.set_defaults(func=cmd_demo)
 
     return p
 

@@ -23,15 +23,10 @@ LN2 = math.log(2.0)
 
 
 def load_tokenizer(folder: str | Path):
-    from tokenizers import Tokenizer
+    """The tokenizer.json stored with a checkpoint or a prepared folder."""
+    from .data.prepare import load_tokenizer as _load
 
-    path = Path(folder) / "tokenizer.json"
-    if not path.is_file():
-        raise DataError(f"no tokenizer.json in {folder}")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own exception types
-        raise DataError(f"cannot read {path}: {str(e).splitlines()[0][:160]}") from None
+    return _load(folder)
 
 
 def check_tokenizer(tokenizer, model) -> None:
@@ -207,3 +202,133 @@ def read_jsonl_examples(path: str | Path, question: str = "question", answer: st
     if not out:
         raise DataError(f"{p} holds no examples")
     return out
+
+
+@torch.inference_mode()
+def evaluate_shards(model, folder: str | Path, split: str = "val", batch_size: int = 8, max_windows: int | None = None,
+                    overrides: Overrides | None = None) -> dict:
+    """Loss, perplexity and exact BPB over consecutive non-overlapping windows of a prepared split."""
+    import numpy as np
+
+    from .data.shards import TokenShards, token_byte_lengths
+
+    shards = TokenShards(folder, split)
+    T = model.cfg.seq_len
+    n = (shards.n_tokens - 1) // T
+    if n < 1:
+        raise DataError(f"the {split} split of {folder} has {shards.n_tokens} tokens, fewer than the context + 1")
+    n = min(n, max_windows) if max_windows else n
+    byte_len = torch.from_numpy(np.asarray(token_byte_lengths(load_tokenizer(folder)), dtype=np.int64))
+    device = next(model.parameters()).device
+    loss_sum, n_tok, n_bytes = 0.0, 0, 0
+    t0 = time.perf_counter()
+    for b in range(0, n, batch_size):
+        rows = np.stack([shards.get(w * T, T + 1) for w in range(b, min(n, b + batch_size))])
+        w = torch.from_numpy(rows.astype(np.int64))
+        x, y = w[:, :-1].to(device), w[:, 1:].to(device)
+        out = model(x, y, overrides=overrides, return_per_token_loss=True)
+        loss_sum += out.per_token_loss.double().sum().item()
+        n_tok += y.numel()
+        n_bytes += int(byte_len[y.cpu()].sum())
+    return _summary(loss_sum, n_tok, n_bytes, time.perf_counter() - t0, model)
+
+
+def _variants(force_K: list[int] | None, gates: list[str] | None, trained_K: int) -> list[tuple[str, Overrides]]:
+    rows = [(f"trained (K={trained_K})", Overrides())]
+    rows += [(f"K={k}", Overrides(K=k)) for k in (force_K or []) if k != trained_K]
+    rows += [(f"gates={g}", Overrides(gates=g)) for g in (gates or [])]
+    return rows
+
+
+def evaluate_datasets(model, tokenizer, data: list[str], *, force_K: list[int] | None = None,
+                      gates: list[str] | None = None, batch_size: int = 8, limit: int | None = None,
+                      exact_match: bool = True, log=None) -> dict:
+    """Evaluate every (variant, dataset) pair. Datasets: a prepared folder (val shards, plus the synthetic
+    eval examples when present), a .txt file, or a Q/A .jsonl file (e.g. GSM8K). Variants: the model as
+    trained, each forced K, and each gate override (the paper's ablations)."""
+    check_tokenizer(tokenizer, model)
+    cfg = model.cfg
+    for k in force_K or []:
+        if not 1 <= k <= cfg.max_loops:
+            raise DataError(f"--force-K {k} is outside 1..max_loops={cfg.max_loops} of this model")
+    if (force_K or gates) and cfg.arch not in ("loop", "dual"):
+        raise DataError(f"--force-K and --gates need a loop or dual model, this one is {cfg.arch}")
+    if gates and cfg.arch != "dual":
+        raise DataError(f"--gates needs a dual model, this one is {cfg.arch}")
+    for g in gates or []:
+        try:
+            Overrides(gates=g).gate_constants()
+        except ValueError as e:
+            raise DataError(str(e)) from None
+    sources = []
+    for d in data:
+        p = Path(d)
+        if p.is_dir():
+            sources.append((p.name or str(p), "shards", p))
+            if (p / "eval_examples.jsonl").is_file():
+                sources.append((f"{p.name}:examples", "examples", p / "eval_examples.jsonl"))
+        elif p.suffix == ".jsonl" and p.is_file():
+            sources.append((p.stem, "qa", p))
+        elif p.is_file():
+            sources.append((p.stem, "text", p))
+        else:
+            raise DataError(f"evaluation data not found: {p}")
+    results: dict = {"datasets": [s[0] for s in sources], "variants": {}}
+    for name, ov in _variants(force_K, gates, cfg.K if cfg.arch in ("loop", "dual") else 1):
+        row = {}
+        for ds, kind, path in sources:
+            if log:
+                log(f"evaluating {name} on {ds}")
+            if kind == "shards":
+                row[ds] = evaluate_shards(model, path, batch_size=batch_size, max_windows=limit, overrides=ov)
+            elif kind == "text":
+                text = path.read_text(encoding="utf-8", errors="replace")
+                row[ds] = evaluate_text(model, tokenizer, text[:limit * 4 * cfg.seq_len] if limit else text,
+                                        batch_size, ov)
+            else:
+                import json
+
+                if kind == "examples":
+                    exs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+                    exs = _per_category_limit(exs, limit)
+                else:
+                    exs = read_jsonl_examples(path, limit=limit)
+                per_cat = evaluate_examples(model, tokenizer, exs, batch_size, ov, exact_match)
+                row[ds] = {**per_cat["all"], "categories": {k: v for k, v in per_cat.items() if k != "all"}}
+        results["variants"][name] = row
+    return results
+
+
+def _per_category_limit(examples: list[dict], limit: int | None) -> list[dict]:
+    if not limit:
+        return examples
+    seen: dict[str, int] = defaultdict(int)
+    out = []
+    for ex in examples:
+        if seen[ex["category"]] < limit:
+            seen[ex["category"]] += 1
+            out.append(ex)
+    return out
+
+
+def results_markdown(results: dict) -> str:
+    """The paper's layout: per-token cross-entropy (nats) per dataset, one row per variant."""
+    ds = results["datasets"]
+    lines = ["| variant | " + " | ".join(ds) + " |", "|---" * (len(ds) + 1) + "|"]
+    for name, row in results["variants"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[d]['loss']:.4f}" for d in ds) + " |")
+    out = ["Per-token cross-entropy (nats):", "", *lines]
+    first = next(iter(results["variants"].values()))
+    extra = []
+    for d in ds:
+        r = first[d]
+        line = f"- {d}: loss {r['loss']:.4f}, ppl {r['ppl']:.2f}, BPB {r['bpb']:.4f}"
+        if r.get("answer_loss") is not None and "answer_loss" in r:
+            line += f", answer loss {r['answer_loss']:.4f}"
+        if r.get("accuracy") is not None:
+            line += f", exact match {r['accuracy']:.1%}"
+        extra.append(line)
+        for cat, c in (r.get("categories") or {}).items():
+            acc = f", exact match {c['accuracy']:.1%}" if c.get("accuracy") is not None else ""
+            extra.append(f"  - {cat}: BPB {c['bpb']:.4f}, answer loss {c['answer_loss']:.4f}{acc} (n={c['n']})")
+    return "\n".join(out + ["", "As trained:"] + extra)

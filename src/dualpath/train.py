@@ -209,13 +209,10 @@ class Batches:
         self.byte_lengths = self._byte_lengths()
 
     def _byte_lengths(self):
-        from tokenizers import Tokenizer
-
         from .data.shards import token_byte_lengths
 
         tok = self.root / "tokenizer.json"
-        return torch.from_numpy(np.asarray(token_byte_lengths(Tokenizer.from_file(str(tok))), dtype=np.int64)) \
-            if tok.is_file() else None
+        return torch.from_numpy(np.asarray(token_byte_lengths(tok), dtype=np.int64)) if tok.is_file() else None
 
     def get(self, split: str, start: int, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         shards, sampler = (self.train, self.train_sampler) if split == "train" else (self.val, self.val_sampler)
@@ -287,6 +284,15 @@ def _set_rng_state(state: dict, device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _line_step(line: str) -> int:
+    """The step of a metrics.jsonl line; -1 for a blank or torn line (e.g. a write cut short by a full disk)."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return -1
+    return int(rec.get("step", 0)) if isinstance(rec, dict) else -1
+
+
 class _Logger:
     def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None):
         self.enabled = enabled
@@ -296,8 +302,7 @@ class _Logger:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():  # drop lines the resumed run will write again
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [ln for ln in self.path.read_text().splitlines() if 0 <= _line_step(ln) <= resume_step]
             ckpt_io.atomic_write_text(self.path, "".join(k + "\n" for k in keep))
         elif self.path.exists():
             self.path.unlink()
@@ -420,6 +425,11 @@ def train(cfg: RunConfig) -> dict:
             gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip
                      else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters()
                                          if p.grad is not None)))
+            gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+            gnorm_value = float(gnorm)
+            if not math.isfinite(gnorm_value):  # a finite loss can still have a non-finite gradient
+                raise TrainingError(f"gradient norm became {gnorm_value} at step {step + 1}; stopped without "
+                                    f"saving (last good checkpoint: {ckpt_io.find_latest(out_dir) or 'none'})")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -429,8 +439,7 @@ def train(cfg: RunConfig) -> dict:
             if step % t.log_every == 0 or step == total_steps:
                 dt = time.perf_counter() - t0
                 tps = tokens_since / max(dt, 1e-9)
-                gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-                rec = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": tps,
+                rec = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": gnorm_value, "tokens_per_s": tps,
                        "mfu": tps * train_fpt / peak, "tokens": step * tokens_per_step,
                        "flops": step * tokens_per_step * train_fpt}
                 summary = getattr(raw, "summary_metrics", None)

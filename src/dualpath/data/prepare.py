@@ -24,7 +24,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import DataError
-from .shards import FORMAT_VERSION, HEADER_BYTES, ShardWriter, atomic_write_bytes, token_byte_lengths, token_dtype
+from .shards import (FORMAT_VERSION, HEADER_BYTES, ShardWriter, atomic_write_bytes, default_mode, token_byte_lengths,
+                     token_dtype)
 from .sources import Source, SyntheticSource, iter_specs, mixed_documents
 
 EOS_TOKEN = "<|endoftext|>"
@@ -207,8 +208,8 @@ def prepare(sources: list[str], out_dir: str | os.PathLike, *, vocab_size: int =
         tokenizer: path to an existing tokenizer.json (or a folder with one) instead of training.
         val_fraction: share of documents (0 < f < 1) that go to val, chosen by a seeded stratified draw.
         max_tokens: stop after this many tokens in total (train + val, EOS included). Required when every
-            source is unlimited (synthetic). The document that would cross the limit is truncated if it is
-            a train document (it still ends with EOS) and dropped if it is a val document.
+            source is unlimited (synthetic). The document that would cross the limit is truncated so that
+            it still ends with EOS (its bytes are then the bytes of its kept tokens).
         shard_tokens: tokens per shard file.
         field / template: default record text for jsonl, datasets: and hf: sources (default field "text").
         split: dataset split read by datasets: and hf: sources (not an output split).
@@ -246,10 +247,11 @@ def prepare(sources: list[str], out_dir: str | os.PathLike, *, vocab_size: int =
     srcs = iter_specs(sources, field=field, template=template, split=split, doc_split=doc_split, synthetic=synthetic)
     if max_tokens is None and not any(s.finite for s in srcs):
         raise DataError("every source is unlimited (synthetic): set max_tokens")
+    tok = None
     if tokenizer is not None:  # fail fast on a bad tokenizer before creating anything
         tok = load_tokenizer(tokenizer)
-    else:
-        tok = None
+        _check_dense_vocab(tok, str(tokenizer))
+        find_eos(tok, str(tokenizer))
 
     # Create the temp folder next to the output (same file system, so the final rename is atomic).
     created: list[Path] = []
@@ -260,6 +262,7 @@ def prepare(sources: list[str], out_dir: str | os.PathLike, *, vocab_size: int =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        os.chmod(tmp, default_mode(directory=True))
         meta = _prepare_into(tmp, srcs, tok, tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
                              max_tokens=max_tokens, shard_tokens=shard_tokens, mix_until=mix_until,
                              synthetic_eval_per_category=synthetic_eval_per_category,
@@ -284,7 +287,7 @@ def _prepare_into(tmp: Path, srcs: list[Source], tok, tokenizer_path, *, vocab_s
         # 1. Tokenizer: load, or train on a streamed sample of the train documents.
         if tok is not None:
             size = _check_dense_vocab(tok, str(tokenizer_path))
-            tok_meta = {"origin": "file", "path": str(Path(tokenizer_path).absolute()), "type": "as loaded"}
+            tok_meta = {"origin": "file", "path": str(Path(tokenizer_path).absolute())}
         else:
             cap = tokenizer_train_bytes if max_tokens is None else min(tokenizer_train_bytes, 8 * max_tokens)
             task = bar.add_task("tokenizer sample", total=cap, info="")
@@ -322,7 +325,7 @@ def _prepare_into(tmp: Path, srcs: list[Source], tok, tokenizer_path, *, vocab_s
         total = 0
         stopped_by = ""
         task = bar.add_task("tokenizing", total=max_tokens, info="")
-        eos = np.array([eos_id], dtype=np.int64)
+        eos = np.array([eos_id], dtype=np.uint32)
         batch: list[tuple[str, str, bool]] = []
         batch_bytes = 0
         done = False
@@ -332,17 +335,16 @@ def _prepare_into(tmp: Path, srcs: list[Source], tok, tokenizer_path, *, vocab_s
             encs = tok.encode_batch([d for _, d, _ in batch], add_special_tokens=False)
             parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
             for (name, doc, is_val), enc in zip(batch, encs):
-                ids = np.asarray(enc.ids, dtype=np.int64)
+                ids = np.array(enc.ids, dtype=np.uint32)  # tokenizers ids are u32; range-checked below
                 n_bytes = len(doc.encode("utf-8"))
-                if ids.size and (ids.max() >= size or ids.min() < 0):
-                    bad = int(ids.max()) if ids.max() >= size else int(ids.min())
-                    raise DataError(f"tokenizer produced token id {bad}, out of range for vocab size {size}")
+                if ids.size and int(ids.max()) >= size:
+                    raise DataError(f"tokenizer produced token id {int(ids.max())}, out of range for vocab size {size}")
                 need = ids.size + 1
                 if max_tokens is not None and total + need > max_tokens:
                     stopped_by = "max_tokens"
                     done = True
                     room = max_tokens - total
-                    if is_val or room < 2:
+                    if room < 2:
                         break
                     ids = ids[:room - 1]
                     n_bytes = int(tb[ids].sum())

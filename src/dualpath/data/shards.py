@@ -59,11 +59,19 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def default_mode(directory: bool = False) -> int:
+    """Permissions a plain open()/mkdir() would give under the current umask (mkstemp/mkdtemp use 0600/0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, chunks: Any) -> None:
     """Write an iterable of bytes-like chunks to `path` via a temp name in the same folder, fsync, rename."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, default_mode())
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)

@@ -1,6 +1,6 @@
 """Streaming text sources and their weighted mixing (see docs/DATA.md).
 
-A source spec is ``BODY[@WEIGHT][::KEY=VALUE]...``:
+A source spec is ``BODY[@WEIGHT][::KEY=VALUE]...`` (the ``@WEIGHT`` may also close the whole spec):
 
     data/tinyshakespeare.txt            a text file (also ``.txt.gz``)
     data/*.txt                          a glob (sorted)
@@ -27,6 +27,7 @@ import math
 import os
 import re
 import string
+import zlib
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -109,9 +110,7 @@ def _read_lines(path: Path) -> Iterator[str]:
                 yield line
     except FileNotFoundError:
         raise DataError(f"file not found: {path}") from None
-    except (OSError, EOFError) as e:
-        if isinstance(e, DataError):
-            raise
+    except (OSError, EOFError, zlib.error) as e:  # includes a corrupt .gz
         raise DataError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
@@ -364,7 +363,7 @@ def _is_jsonl(name: str) -> bool:
 
 
 def parse_source(spec: str, **defaults: Any) -> Source:
-    """Parse one source spec ``BODY[@WEIGHT][::KEY=VALUE]...`` into a `Source` (files are checked to exist).
+    """Parse one source spec ``BODY[@WEIGHT][::KEY=VALUE]...[@WEIGHT]`` into a `Source` (files must exist).
 
     `defaults` (all optional; inline ``::key=value`` options win): weight (1.0), field, template (jsonl,
     datasets: and hf: sources; default field "text"; give one of them), split ("train", for datasets:/hf:),
@@ -379,6 +378,12 @@ def parse_source(spec: str, **defaults: Any) -> Source:
         raise DataError(f"unknown source option {unknown[0]!r} (known: {', '.join(_OPTION_KEYS)})")
     parts = spec.strip().split("::")
     body, weight = _split_weight(parts[0].strip())
+    if len(parts) > 1:  # the weight may also close the whole spec: "a.jsonl::field=q@2"
+        parts[-1], tail_weight = _split_weight(parts[-1])
+        if tail_weight is not None:
+            if weight is not None:
+                raise DataError(f"source {spec!r}: weight given twice")
+            weight = tail_weight
     inline: dict[str, Any] = {}
     for opt in parts[1:]:
         key, eq, value = opt.partition("=")
@@ -443,7 +448,10 @@ def parse_source(spec: str, **defaults: Any) -> Source:
         split = str(opts.get("split", "train"))
         return DatasetsSource(name=name or path.name, kind="datasets", path=str(path), split=split,
                               options={"split": split, **ro}, **ro, **common)
-    if re.match(r"^[A-Za-z][\w+.-]*://", body) or re.match(r"^[a-z]{2,}:[^\\/]", body) and not Path(body).exists():
+    exists = Path(os.path.expanduser(body)).exists()
+    url_like = re.match(r"^[A-Za-z][\w+.-]*://", body) or re.match(r"^[A-Za-z]{2,}:", body)
+    bare_word = "/" not in body and os.sep not in body and "." not in body and not _glob.has_magic(body)
+    if not exists and (url_like or bare_word):
         raise DataError(f"unknown source spec {spec!r} (use a file, glob, folder, datasets:PATH, hf:NAME or synthetic)")
     is_dir = Path(os.path.expanduser(body)).is_dir()
     if is_dir:

@@ -1,0 +1,96 @@
+"""Hugging Face configuration of a Dual-Path model (model_type "dualpath").
+
+This file is copied, with the model code it needs, next to the weights by `dualpath export --hf`, so
+`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` works without dualpath installed.
+Inside the dualpath package it imports `..config`; the exported copy imports `.config` (the exporter
+rewrites the two-dot imports).
+
+Every field of `dualpath.config.ModelConfig` is a config attribute, plus two inference settings that
+`from_pretrained(DIR, trust_remote_code=True, K=2, gates="deep-only")` (and so lm-eval's `--model_args`)
+can set:
+
+    K          loop steps of the deep path (1..max_loops), as `Overrides(K=...)` does natively
+    gates      None | "deep-only" | "wide-only" | "both=C" | "shuffled"  (dual only)
+    gate_seed  seed of the "shuffled" gates
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from transformers import PretrainedConfig
+
+from ..config import ModelConfig
+from ..errors import CheckpointError
+
+# The layout of config.json. Tracks dualpath.checkpoint.CONFIG_VERSION (a test keeps them equal).
+# Raise it, and extend `upgrade_fields`, whenever a ModelConfig field is renamed or changes meaning.
+DUALPATH_CONFIG_VERSION = 1
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+GATE_OVERRIDES = "deep-only, wide-only, both=C, shuffled"
+
+
+def upgrade_fields(fields: dict, version: int) -> dict:
+    """Bring the ModelConfig fields of an older config.json up to DUALPATH_CONFIG_VERSION.
+
+    Version 0 (no version field) has the same layout as version 1.
+    """
+    return fields
+
+
+def check_gates(gates) -> None:
+    if gates is None:
+        return
+    if not isinstance(gates, str):
+        raise ValueError(f"gates={gates!r} is not one of {GATE_OVERRIDES}")
+    if gates in ("deep-only", "wide-only", "shuffled"):
+        return
+    if gates.startswith("both="):
+        try:
+            float(gates.split("=", 1)[1])
+            return
+        except ValueError:
+            pass
+    raise ValueError(f"gates={gates!r} is not one of {GATE_OVERRIDES}")
+
+
+class DualPathConfig(PretrainedConfig):
+    model_type = "dualpath"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "num_key_value_heads": "n_kv_heads",
+        "max_position_embeddings": "seq_len",
+    }
+
+    def __init__(self, gates: str | None = None, gate_seed: int = 0,
+                 dualpath_config_version: int = DUALPATH_CONFIG_VERSION, **kwargs):
+        try:
+            version = int(dualpath_config_version)
+        except (TypeError, ValueError):
+            raise CheckpointError(f"dualpath_config_version={dualpath_config_version!r} is not an integer") from None
+        if version > DUALPATH_CONFIG_VERSION:
+            raise CheckpointError(
+                f"this export has dualpath_config_version {version}, but its model code reads up to "
+                f"{DUALPATH_CONFIG_VERSION}: re-export the checkpoint with a matching dualpath "
+                f"(dualpath export CHECKPOINT --hf DIR)")
+        fields = {name: kwargs.pop(name) for name in MODEL_FIELDS if name in kwargs}
+        fields = upgrade_fields(fields, version)
+        defaults = ModelConfig()
+        for name in MODEL_FIELDS:
+            setattr(self, name, fields.get(name, getattr(defaults, name)))
+        check_gates(gates)
+        self.gates = gates
+        self.gate_seed = int(gate_seed)
+        self.dualpath_config_version = DUALPATH_CONFIG_VERSION  # upgraded on load
+        kwargs["tie_word_embeddings"] = bool(self.tie_embeddings)
+        kwargs.setdefault("use_cache", True)
+        super().__init__(**kwargs)
+
+    def to_model_config(self) -> ModelConfig:
+        """The dualpath ModelConfig; raises ConfigError if the fields are inconsistent."""
+        cfg = ModelConfig(**{name: getattr(self, name) for name in MODEL_FIELDS})
+        return cfg.validate()

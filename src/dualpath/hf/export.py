@@ -1,0 +1,213 @@
+"""`dualpath export CHECKPOINT --hf OUT_DIR`: a transformers-loadable, self-contained model folder.
+
+    OUT_DIR/
+        config.json                  model_type "dualpath", every ModelConfig field, dualpath_config_version,
+                                     auto_map -> the two code files below
+        model.safetensors            weights, keys "model.<native name>" (a tied LM head is stored once)
+        generation_config.json       bos/eos/pad = <|endoftext|>, greedy by default
+        tokenizer.json, tokenizer_config.json, special_tokens_map.json   (PreTrainedTokenizerFast)
+        configuration_dualpath.py    DualPathConfig
+        modeling_dualpath.py         DualPathForCausalLM (PreTrainedModel + GenerationMixin)
+        model.py, config.py, errors.py, ...   the dualpath model code they import (relative imports)
+        README.md
+
+    AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True[, K=2, gates="deep-only"])
+    AutoTokenizer.from_pretrained(OUT_DIR)
+
+The folder is written to a temporary sibling and renamed into place; a non-empty OUT_DIR is refused
+unless overwrite=True.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from ..errors import CheckpointError, DualPathError
+
+HF_FILES = ("configuration_dualpath.py", "modeling_dualpath.py")
+ROOT_MODULE = "model"  # the dualpath module the exported code needs; its relative imports follow
+EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
+
+_PKG = Path(__file__).resolve().parent.parent  # src/dualpath
+_REL_IMPORT = re.compile(r"^\s*from\s+\.(\S+)\s+import", re.MULTILINE)
+_PARENT_IMPORT = re.compile(r"^(\s*from\s+)\.\.(\w)", re.MULTILINE)
+
+
+def _relative_imports(text: str) -> list[str]:
+    """Modules named by `from .x import ...` (what transformers' dynamic-module loader follows)."""
+    return sorted(set(_REL_IMPORT.findall(text)))
+
+
+def _stub(name: str) -> str:
+    return (f'"""Placeholder: dualpath.{name} was not available when this model was exported."""\n\n'
+            f'raise ImportError("dualpath.{name} is not part of this export")\n')
+
+
+def model_code_files() -> dict[str, str]:
+    """File name -> source of every file the exported model code needs, flat, with relative imports.
+
+    configuration_dualpath.py and modeling_dualpath.py import `..x` inside the package; here that becomes `.x`.
+    The dualpath modules they reach (model.py and what it imports) are copied as they are; a module the
+    model code names but this installation lacks gets a stub that raises ImportError when imported.
+    """
+    files: dict[str, str] = {}
+    for name in HF_FILES:
+        files[name] = _PARENT_IMPORT.sub(r"\1.\2", (Path(__file__).parent / name).read_text(encoding="utf-8"))
+    todo = [m for text in files.values() for m in _relative_imports(text)]
+    seen = {Path(n).stem for n in files}
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        if "." in mod:
+            raise DualPathError(f"the model code imports '.{mod}', a sub-package; the HF export can only bundle "
+                                "top-level dualpath modules")
+        src = _PKG / f"{mod}.py"
+        if src.is_file():
+            text = src.read_text(encoding="utf-8")
+            files[f"{mod}.py"] = text
+            todo.extend(_relative_imports(text))
+        else:
+            files[f"{mod}.py"] = _stub(mod)
+    return files
+
+
+def _find_eos(tok) -> str:
+    for name in EOS_CANDIDATES:
+        if tok.token_to_id(name) is not None:
+            return name
+    raise CheckpointError(f"the checkpoint's tokenizer has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)})")
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+    try:
+        fd = os.open(root, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out} is not empty; choose another folder or overwrite it (--overwrite)")
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Rename tmp to out; an existing out is moved aside first and deleted only after the swap."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _readme(cfg, ckpt: Path, eos: str) -> str:
+    m = cfg.model
+    return (f"# dualpath export ({m.arch})\n\n"
+            f"Exported by `dualpath export` from `{ckpt}`.\n\n"
+            f"arch={m.arch} d_model={m.d_model} n_layers={m.n_layers} heads={m.n_heads}/{m.n_kv_heads} "
+            f"K={m.K} seq_len={m.seq_len} vocab={m.vocab_size}\n\n"
+            "```python\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)  # K=..., gates=...\n"
+            "tok = AutoTokenizer.from_pretrained(DIR)\n"
+            "```\n\n"
+            f"`{eos}` is the BOS, EOS and padding token. Inference settings: `K` (deep-path loop steps, "
+            f"1..{m.max_loops}), `gates` (deep-only | wide-only | both=C | shuffled, dual only), `gate_seed`.\n")
+
+
+def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Export a dualpath checkpoint (run, checkpoints or step folder) as a Hugging Face model folder.
+
+    Returns the output folder. Raises CheckpointError for a missing/corrupt checkpoint, a checkpoint without
+    tokenizer.json, or a non-empty out_dir without overwrite.
+    """
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise DualPathError("the HF export needs transformers: pip install 'dualpath[eval]'") from None
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    from ..checkpoint import load_model, weights_for_saving
+    from .configuration_dualpath import DualPathConfig
+
+    out = Path(out_dir).expanduser().absolute()
+    _check_out_dir(out, overwrite)
+    model, cfg, ckpt = load_model(checkpoint)
+    tok_path = ckpt / "tokenizer.json"
+    if not tok_path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} has no tokenizer.json; the HF export needs one")
+    try:
+        raw_tok = Tokenizer.from_file(str(tok_path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
+        raise CheckpointError(f"cannot read {tok_path}: {str(e).splitlines()[0][:160] if str(e) else e}") from None
+    if raw_tok.get_vocab_size() > cfg.model.vocab_size:
+        raise CheckpointError(f"the tokenizer in {ckpt} has {raw_tok.get_vocab_size()} tokens but the model's "
+                              f"vocabulary is {cfg.model.vocab_size}")
+    eos = _find_eos(raw_tok)
+    eos_id = raw_tok.token_to_id(eos)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        # weights: the native names under "model.", a tied head stored once (as model.embed.weight)
+        state = weights_for_saving(model.state_dict(), cfg)
+        save_file({f"model.{k}": v for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+
+        hf_cfg = DualPathConfig(**{k: v for k, v in vars(cfg.model).items()}, bos_token_id=eos_id,
+                                eos_token_id=eos_id, pad_token_id=eos_id)
+        hf_cfg.architectures = ["DualPathForCausalLM"]
+        hf_cfg.auto_map = {"AutoConfig": "configuration_dualpath.DualPathConfig",
+                           "AutoModelForCausalLM": "modeling_dualpath.DualPathForCausalLM"}
+        hf_cfg.dtype = "float32"
+        data = hf_cfg.to_dict()
+        for key in ("_name_or_path", "id2label", "label2id"):
+            data.pop(key, None)
+        data["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+        GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+                         do_sample=False).save_pretrained(tmp)
+
+        for name, text in model_code_files().items():
+            (tmp / name).write_text(text, encoding="utf-8")
+
+        hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_path), bos_token=eos, eos_token=eos, pad_token=eos,
+                                         model_max_length=cfg.model.seq_len, clean_up_tokenization_spaces=False)
+        hf_tok.save_pretrained(tmp)
+        (tmp / "README.md").write_text(_readme(cfg, ckpt, eos), encoding="utf-8")
+        _fsync_tree(tmp)
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
