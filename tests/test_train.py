@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from dualpath import checkpoint as ckpt_io
 from dualpath.cli import main as cli_main
-from dualpath.config import ModelConfig, OptimConfig, RunConfig, load_config
+from dualpath.config import ModelConfig, OptimConfig
 from dualpath.data.prepare import load_tokenizer, prepare
 from dualpath.data.shards import TokenShards, WindowSampler, token_byte_lengths, write_shard
 from dualpath.model import DualPathLM
@@ -262,6 +262,8 @@ def test_grad_accum_equals_larger_batch(data_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
 def test_ddp_two_ranks_equals_single_process_accum(data_dir, tmp_path):
     """2 gloo ranks × A=1 read windows [w, w+4) (rank 0) and [w+4, w+8) (rank 1), like 1 process with A=2."""
     steps = 3

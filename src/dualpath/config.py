@@ -56,6 +56,14 @@ class ModelConfig:
     d_ffn_big: int = 0
     d_ffn_small: int = 0  # 0: d_ffn_big // 16
     skip_whole_layer: bool = False  # skip bypasses attention too
+    duo_policy: str = "random"  # random | pattern | router (a mask is passed at call time)
+    duo_granularity: str = "token"  # random policy: token | sequence
+    p_big: float = 0.5
+    p_small: float = 0.5
+    p_skip: float = 0.0
+    duo_pattern: str = ""  # pattern policy: one letter per layer, B(ig) S(mall) X (skip)
+    router_temperature: float = 1.0  # router policy: P_big = σ(logit / τ); hard decisions when router_hard
+    router_hard: bool = True
 
     def validate(self) -> "ModelConfig":
         _one_of("model.arch", self.arch, ARCHS)
@@ -82,8 +90,20 @@ class ModelConfig:
         for name in need:
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1 for arch={self.arch}, got {getattr(self, name)}")
-        if self.arch == "duo" and self.small_width() < 1:
-            raise ConfigError(f"model.d_ffn_small must be >= 1, got {self.small_width()}")
+        if self.arch == "duo":
+            if self.small_width() < 1:
+                raise ConfigError(f"model.d_ffn_small must be >= 1, got {self.small_width()}")
+            _one_of("model.duo_policy", self.duo_policy, ("random", "pattern", "router"))
+            _one_of("model.duo_granularity", self.duo_granularity, ("token", "sequence"))
+            probs = (self.p_big, self.p_small, self.p_skip)
+            if min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+                raise ConfigError(f"model.p_big + p_small + p_skip must be 1 with each >= 0, got {probs}")
+            if self.duo_policy == "pattern":
+                from .duo import parse_pattern
+
+                parse_pattern(self.duo_pattern, self.n_layers)
+            if self.router_temperature <= 0:
+                raise ConfigError(f"model.router_temperature must be > 0, got {self.router_temperature}")
         return self
 
     def small_width(self) -> int:

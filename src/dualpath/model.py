@@ -507,7 +507,8 @@ class DualPathLM(nn.Module):
                 nn.init.constant_(m.step_gain, self.cfg.branch_scale_init)
             elif isinstance(m, WidePath) and m.beta is not None:
                 nn.init.constant_(m.beta, self.cfg.branch_scale_init)
-            elif hasattr(m, "reset_routing_parameters"):
+        for m in self.modules():  # after the generic pass, which would overwrite routers
+            if hasattr(m, "reset_routing_parameters"):
                 m.reset_routing_parameters()
 
     def forward(self, idx, targets=None, *, overrides: Overrides | None = None, return_per_token_loss=False,
