@@ -664,3 +664,22 @@ def test_sequence_longer_than_context_raises():
         model(tokens(1, 30), cache=cache)
     with pytest.raises(ValueError, match="longer than the context"):
         model(tokens(1, 3), cache=cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training signal
+
+
+@pytest.mark.parametrize("arch,gate_mode", [("wide", "two_gates"), ("loop", "two_gates"), ("dual", "two_gates"),
+                                            ("dual", "convex"), ("dual", "softmax")])
+def test_every_used_parameter_gets_a_finite_nonzero_gradient(arch, gate_mode):
+    model = make_model(arch, gate_mode=gate_mode, K=3, max_loops=6, ponder_weight=0.01).train()
+    idx, tgt = tokens(2, 16, seed=35), tokens(2, 16, seed=36)
+    model(idx, tgt).loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        if name.endswith("step_gain"):  # only the first K of the max_loops gains are used
+            assert (p.grad[:3] != 0).all() and not p.grad[3:].any(), name
+        else:
+            assert p.grad.abs().sum() > 0, name

@@ -46,6 +46,10 @@ _TARGET = "dualpath.lm_eval_model:DualPathEvalLM"
 
 def register() -> None:
     """Register "dualpath" with lm-eval's model registry (idempotent; done on import)."""
+    # lm-eval fills its registry with the built-in models only while the registry is empty, so they go in
+    # first: registering alone would hide "hf" and the rest.
+    import lm_eval.models  # noqa: F401
+
     try:
         model_registry.register(MODEL_NAME, target=_TARGET)
     except ValueError:

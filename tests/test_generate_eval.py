@@ -1,0 +1,175 @@
+"""Generation with the KV cache, evaluation and their CLI errors."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dualpath.cli import main
+from dualpath.evaluate import evaluate_examples, evaluate_text, load_tokenizer, score_sequences
+from dualpath.generate import generate, generate_tokens, sample_next
+from dualpath.model import Overrides
+
+from helpers import SHAKESPEARE, perturbed_model, save_tiny_checkpoint, tiny_config, train_tiny_tokenizer
+
+ARCHS = ["wide", "loop", "dual", "duo"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory):
+    if not SHAKESPEARE.is_file():
+        pytest.skip("shared data missing")
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_greedy_equals_uncached(arch):
+    extra = {"duo_policy": "pattern", "duo_pattern": "BS"} if arch == "duo" else {}
+    model = perturbed_model(tiny_config(arch, **extra), seed=1)
+    prompt = [5, 17, 99, 3, 250, 42, 7]
+    cached = list(generate_tokens(model, prompt, 40, use_cache=True))
+    uncached = list(generate_tokens(model, prompt, 40, use_cache=False))
+    assert cached == uncached
+    assert len(cached) == 40
+
+
+def test_cached_greedy_equals_uncached_with_overrides():
+    model = perturbed_model(tiny_config("dual", K=3), seed=2)
+    for ov in (Overrides(K=5), Overrides(gates="wide-only"), Overrides(gates="both=0.7")):
+        a = list(generate_tokens(model, [1, 2, 3, 4], 20, overrides=ov, use_cache=True))
+        b = list(generate_tokens(model, [1, 2, 3, 4], 20, overrides=ov, use_cache=False))
+        assert a == b
+
+
+def test_generation_stops_at_context_and_eos():
+    model = perturbed_model(tiny_config("dual", seq_len=16), seed=3)
+    out = list(generate_tokens(model, list(range(10)), 50))
+    assert len(out) == 6  # 16 - 10
+    first = out[0]
+    assert list(generate_tokens(model, list(range(10)), 50, eos_id=first)) == [first]
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50)
+    a = [int(sample_next(logits, 1.0, top_k=3, generator=torch.Generator().manual_seed(s))) for s in range(30)]
+    b = [int(sample_next(logits, 1.0, top_k=3, generator=torch.Generator().manual_seed(s))) for s in range(30)]
+    assert a == b
+    assert set(a) <= set(torch.topk(logits[0], 3).indices.tolist())
+    # top_p tiny keeps only the argmax
+    c = {int(sample_next(logits, 1.0, top_p=1e-6, generator=torch.Generator().manual_seed(s))) for s in range(10)}
+    assert c == {int(logits.argmax())}
+
+
+def test_generate_text_streams_everything(tokenizer_json):
+    tok = load_tokenizer(tokenizer_json.parent)
+    model = perturbed_model(tiny_config("loop"), seed=4)
+    pieces = []
+    text = generate(model, tok, "ROMEO:", 12, stream=pieces.append, temperature=0.0)
+    assert "".join(pieces) == text
+
+
+def test_score_sequences_matches_forward():
+    model = perturbed_model(tiny_config("dual"), seed=5)
+    seqs = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13]]
+    got = score_sequences(model, seqs, batch_size=2)
+    for s, loss in zip(seqs, got):
+        x, y = torch.tensor([s[:-1]]), torch.tensor([s[1:]])
+        ref = model(x, y, return_per_token_loss=True).per_token_loss[0]
+        torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bits_per_byte_of_text_is_exact(tokenizer_json):
+    tok = load_tokenizer(tokenizer_json.parent)
+    model = perturbed_model(tiny_config("wide"), seed=6)
+    text = SHAKESPEARE.read_text()[:3000]
+    r = evaluate_text(model, tok, text)
+    ids = tok.encode(text).ids
+    assert r["tokens"] == len(ids)
+    assert r["bytes"] == len(text.encode())
+    assert math.isclose(r["bpb"], r["loss"] * r["tokens"] / math.log(2) / r["bytes"], rel_tol=1e-9)
+
+
+def test_examples_per_category_and_answer_loss(tokenizer_json):
+    tok = load_tokenizer(tokenizer_json.parent)
+    model = perturbed_model(tiny_config("dual"), seed=7)
+    exs = []
+    for i, (cat, p, a) in enumerate([("fact", "Q: Who?\nA: ", "Romeo"), ("arith", "12 + 30 = ", "42"),
+                                     ("arith", "7 * 6 = ", "42")]):
+        exs.append({"category": cat, "text": p + a, "prompt": p, "answer": a, "answer_start": len(p),
+                    "answer_end": len(p) + len(a)})
+    r = evaluate_examples(model, tok, exs, exact_match=True)
+    assert r["arith"]["n"] == 2 and r["fact"]["n"] == 1 and r["all"]["n"] == 3
+    assert r["all"]["bytes"] == sum(len(e["text"].encode()) for e in exs)
+    for cat in ("fact", "arith", "all"):
+        assert 0.0 <= r[cat]["accuracy"] <= 1.0
+        assert r[cat]["answer_loss"] > 0
+    # the overall BPB is the byte-weighted combination of the categories
+    tot = sum(r[c]["bpb"] * r[c]["bytes"] for c in ("fact", "arith"))
+    assert math.isclose(tot / r["all"]["bytes"], r["all"]["bpb"], rel_tol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer_json):
+    model = perturbed_model(tiny_config("dual", K=2), seed=8)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("run"), model, tokenizer_json)
+
+
+def test_eval_cli_ablation_table(checkpoint, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(SHAKESPEARE.read_text()[:2000])
+    out = tmp_path / "res.json"
+    rc = main(["eval", str(checkpoint), "--data", str(text), "--force-K", "1,3", "--gates",
+               "deep-only,both=0.5", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| K=1 |" in printed and "| gates=deep-only |" in printed
+    res = json.loads(out.read_text())
+    assert set(res["variants"]) == {"trained (K=2)", "K=1", "K=3", "gates=deep-only", "gates=both=0.5"}
+    assert res["variants"]["K=1"]["t"]["loss"] != res["variants"]["K=3"]["t"]["loss"]
+
+
+def test_generate_cli(checkpoint, capsys):
+    assert main(["generate", str(checkpoint), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["eval", "{missing}", "--data", "{text}"], "checkpoint not found"),
+    (["eval", "{corrupt}", "--data", "{text}"], "corrupt"),
+    (["eval", "{ckpt}", "--data", "{text}", "--force-K", "99"], "max_loops"),
+    (["eval", "{ckpt}", "--data", "{text}", "--gates", "sideways"], "gate override"),
+    (["eval", "{ckpt}", "--data", "{missing}"], "not found"),
+    (["generate", "{ckpt}", "--prompt", "{long}"], "longer than the context"),
+    (["generate", "{ckpt}", "--prompt", "hi", "--K", "40"], "max_loops"),
+    (["eval", "{mismatch}", "--data", "{text}"], "tokenizer"),
+])
+def test_cli_errors_are_one_line(args, needle, checkpoint, tmp_path, capsys, tokenizer_json):
+    import shutil
+
+    text = tmp_path / "t.txt"
+    text.write_text("some text to evaluate, long enough. " * 5)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(checkpoint, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 20)
+    mismatch = tmp_path / "mismatch"
+    small = perturbed_model(tiny_config("dual", vocab_size=128), seed=9)
+    save_tiny_checkpoint(mismatch, small, tokenizer_json)
+    subs = {"{missing}": str(tmp_path / "nope"), "{text}": str(text), "{corrupt}": str(corrupt),
+            "{ckpt}": str(checkpoint), "{long}": "word " * 200, "{mismatch}": str(mismatch)}
+    argv = [subs.get(a, a) for a in args]
+    before = sorted(p.name for p in checkpoint.iterdir())
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert sorted(p.name for p in checkpoint.iterdir()) == before
+
+
+def test_cli_error_exit_code_in_a_real_process(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dualpath", "eval", str(tmp_path / "nope"), "--data", "x"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
