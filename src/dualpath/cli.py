@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import DualPathError
@@ -101,6 +102,8 @@ def cmd_train(args) -> int:
         overrides = [f"train.{k}=0" for k in ("steps", "tokens", "target_flops")] + overrides
     cfg = load_config(RunConfig, args.config, overrides)
     result = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     keys = ("step", "tokens", "flops", "loss", "val_loss", "val_bpb", "out_dir")
     print(" ".join(f"{k}={result[k]:.4g}" if isinstance(result.get(k), float) else f"{k}={result.get(k)}"
                    for k in keys if k in result))
@@ -282,7 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # key=value overrides may also follow the flags
+        if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = list(args.overrides) + extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args) or 0
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2

@@ -296,7 +296,7 @@ class WidePath(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.block = Block(cfg, cfg.d_ffn_wide)
-        self.beta = nn.Parameter(torch.tensor(float(cfg.branch_scale_init))) if cfg.wide_gain else None
+        self.beta = nn.Parameter(torch.full((1,), float(cfg.branch_scale_init))) if cfg.wide_gain else None  # 1-D for FSDP2
 
     def gain(self):
         return F.softplus(self.beta) if self.beta is not None else 1.0

@@ -166,12 +166,35 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def _sharded(cfg: RunConfig) -> bool:
+    return cfg.train.fsdp and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def full_state_dict(model: nn.Module, cfg: RunConfig) -> dict:
-    if cfg.train.fsdp and torch.distributed.is_initialized():
+    """The whole model's weights on CPU (a collective under FSDP2: every rank must call it)."""
+    if _sharded(cfg):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return unwrap(model).state_dict()
+
+
+def optimizer_state_dict(model: nn.Module, optimizer, cfg: RunConfig) -> dict:
+    if _sharded(cfg):  # keyed by parameter names, gathered from the shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(unwrap(model), optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_optimizer_state_dict(model: nn.Module, optimizer, state: dict, cfg: RunConfig) -> None:
+    if _sharded(cfg):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,17 +385,19 @@ def train(cfg: RunConfig) -> dict:
     tokens_per_step = B * A * d.world * seq_len
     train_fpt = raw.train_flops_per_token(seq_len)
     total_steps = horizon(cfg, tokens_per_step, train_fpt)
-    optimizer = build_optimizer(raw, cfg.optim)
 
     step, windows = 0, 0  # windows: the global window counter (what the data loader has consumed)
     resume_from = None
     if t.resume:
         resume_from = ckpt_io.find_latest(out_dir) if t.resume == "auto" else ckpt_io.resolve(t.resume)
     if resume_from is not None:
-        step, windows = _restore(resume_from, raw, optimizer, device)
+        step, windows = _restore_weights(resume_from, raw, device)
         if step >= total_steps and (out_dir / "summary.json").is_file():
             return json.loads((out_dir / "summary.json").read_text())
     model = wrap_model(raw, cfg, device, d)
+    optimizer = build_optimizer(raw, cfg.optim)  # after wrapping: FSDP2 replaces the parameters
+    if resume_from is not None and (resume_from / "optimizer.pt").is_file():
+        load_optimizer_state_dict(model, optimizer, ckpt_io.load_torch(resume_from / "optimizer.pt"), cfg)
 
     use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
@@ -389,8 +414,9 @@ def train(cfg: RunConfig) -> dict:
 
     def save(at_step: int):
         state = full_state_dict(model, cfg)
+        optim_state = optimizer_state_dict(model, optimizer, cfg)
         if d.main:
-            ckpt_io.save_checkpoint(out_dir, at_step, state, cfg, optimizer_state=optimizer.state_dict(),
+            ckpt_io.save_checkpoint(out_dir, at_step, state, cfg, optimizer_state=optim_state,
                                     trainer_state={"step": at_step, "rng": _rng_state(device),
                                                    "window_counter": windows,
                                                    "world": d.world, "tokens": at_step * tokens_per_step},
@@ -472,7 +498,8 @@ def train(cfg: RunConfig) -> dict:
     return result
 
 
-def _restore(path: Path, model: nn.Module, optimizer, device) -> int:
+def _restore_weights(path: Path, model: nn.Module, device) -> tuple[int, int]:
+    """Weights, RNG state and position of a checkpoint, into the unwrapped model."""
     state = ckpt_io.load_weights(path)
     if "lm_head.weight" not in state and "embed.weight" in state:
         state["lm_head.weight"] = state["embed.weight"]
@@ -481,8 +508,6 @@ def _restore(path: Path, model: nn.Module, optimizer, device) -> int:
     except RuntimeError as e:
         raise ckpt_io.CheckpointError(f"cannot resume from {path}: weights do not fit the config "
                                       f"({str(e).splitlines()[0][:160]})") from None
-    if (path / "optimizer.pt").is_file():
-        optimizer.load_state_dict(ckpt_io.load_torch(path / "optimizer.pt"))
     ts = ckpt_io.load_torch(path / "trainer_state.pt")
     _set_rng_state(ts["rng"], device)
     return int(ts["step"]), int(ts["window_counter"])

@@ -17,7 +17,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..model import DualPathLM, Gate, HaltingRouter, KVCache, LoopPath, Overrides, WidePath
-from .configuration_dualpath import DualPathConfig
+from .configuration_dualpath import DualPathConfig, check_gates
 
 
 class DualPathCache:
@@ -98,6 +98,10 @@ class DualPathForCausalLM(DualPathPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: DualPathConfig):
         super().__init__(config)
+        # from_pretrained(..., K=2, gates="deep-only") sets these after the config was built: check them here
+        config.K = int(config.K)
+        config.gate_seed = int(config.gate_seed)
+        check_gates(config.gates)
         self.model = DualPathLM(config.to_model_config())
         self.post_init()
 
