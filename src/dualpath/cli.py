@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .errors import DualPathError
 
@@ -35,7 +36,7 @@ def cmd_solve(args) -> int:
     from .solver import PAPER_GRID, solve, solve_grid, table_markdown
 
     backbone = ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-                           n_kv_heads=args.n_kv_heads or args.n_heads, vocab_size=args.vocab_size,
+                           n_kv_heads=args.n_heads if args.n_kv_heads is None else args.n_kv_heads, vocab_size=args.vocab_size,
                            seq_len=args.seq_len, tie_embeddings=args.tie_embeddings, d_ffn_deep=1, d_ffn_wide=1)
     backbone.validate()
     kw = dict(multiple=args.multiple, build_multiple=args.build_multiple, match=args.match, seq_len=args.seq_len)
@@ -179,6 +180,27 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import aggregate, dry_run, emit_configs, load_sweep, plan, run_sweep
+
+    sweep = load_sweep(args.config, args.overrides)
+    if args.emit_configs:
+        for path in emit_configs(sweep, args.emit_configs, source=args.config):
+            print(path)
+        return 0
+    if args.dry_run:
+        print(dry_run(sweep, plan(sweep), args.jobs))
+        return 0
+    if args.aggregate_only:
+        aggregate(sweep, plan(sweep))
+    else:
+        run_sweep(sweep, jobs=args.jobs)
+    results = Path(sweep.out_dir) / "results.md"
+    if results.is_file():
+        print(results.read_text())
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -273,6 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gates", help="deep-only, wide-only, both=C or shuffled")
     s.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("sweep", help="iso-FLOP grid: budgets x architectures x K x alpha x seeds")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", help="key=value overrides of the sweep file, e.g. seeds=[0]")
+    s.add_argument("--jobs", type=int, default=1)
+    s.add_argument("--dry-run", action="store_true", help="print the grid, params, FLOPs and estimated time")
+    s.add_argument("--aggregate-only", action="store_true", help="only rebuild results.csv/.md and plots")
+    s.add_argument("--emit-configs", metavar="DIR", help="write one training config per grid point")
+    s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("demo", help="PureWide vs Dual at matched FLOPs on the synthetic corpus (make demo)")
     s.add_argument("--out", default="runs/demo")

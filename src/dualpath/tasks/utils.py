@@ -205,11 +205,15 @@ def fact_attribute(prompt: str, answer: str, patterns=None) -> tuple[str, str]:
 
 
 def cloze_docs(dataset):
-    """lm-eval process_docs: keep the fact queries and give each `choices` (the answer and distractors, the
-    other answers of the same attribute, or of the same kind when that attribute has too few) and `label`.
+    """lm-eval process_docs: keep the fact queries and give each `choices` (the answer and distractors) and
+    `label` (the answer's index).
 
-    The number of choices is the row's `n_choices` (set by load_cloze from metadata cloze_choices), default 4.
-    Distractors and the answer's position are drawn with a seed from the prompt, so they are reproducible.
+    Distractors are other answers of the same attribute (the same relation, for people), topped up with answers
+    of the same kind (city | job | birth_year | relation) when the attribute has too few; never an answer of
+    another kind, so a query may get fewer choices than asked for in a small file, and a query whose kind has
+    no other answer is dropped. The number of choices is the row's `n_choices` (set by load_cloze from the
+    metadata key cloze_choices), default 4. Distractors and the answer's position are drawn with a seed from
+    the prompt, so they are reproducible.
     """
     rows = [dict(r) for r in dataset if r.get("category", "fact") == "fact" and r.get("answer")]
     if not rows:
@@ -217,11 +221,10 @@ def cloze_docs(dataset):
     patterns = _question_patterns()
     by_attr: dict[str, list[str]] = {}
     by_kind: dict[str, list[str]] = {}
-    everything: list[str] = []
     for r in rows:
         r["answer"] = str(r["answer"]).strip()
         r["attribute"], r["kind"] = fact_attribute(r["prompt"], r["answer"], patterns)
-        for pool in (by_attr.setdefault(r["attribute"], []), by_kind.setdefault(r["kind"], []), everything):
+        for pool in (by_attr.setdefault(r["attribute"], []), by_kind.setdefault(r["kind"], [])):
             if r["answer"] not in pool:
                 pool.append(r["answer"])
     out = []
@@ -229,16 +232,18 @@ def cloze_docs(dataset):
         n = max(2, int(r.get("n_choices") or 4))
         rng = random.Random(f"dualpath-cloze/{r['prompt']}/{r['answer']}")
         distractors: list[str] = []
-        for pool in (by_attr[r["attribute"]], by_kind[r["kind"]], everything):
+        for pool in (by_attr[r["attribute"]], by_kind[r["kind"]]):
             others = [a for a in pool if a != r["answer"] and a not in distractors]
             rng.shuffle(others)
             distractors += others[:n - 1 - len(distractors)]
-            if len(distractors) >= n - 1:
-                break
+        if not distractors:
+            continue
         choices = distractors + [r["answer"]]
         rng.shuffle(choices)
         out.append({"prompt": r["prompt"], "answer": r["answer"], "attribute": r["attribute"], "kind": r["kind"],
                     "choices": choices, "label": choices.index(r["answer"])})
+    if not out:
+        raise DataError("no fact query has another answer of its kind to use as a distractor")
     return _dataset(out)
 
 

@@ -1,0 +1,210 @@
+"""Capture per-token, per-layer routing values of a model over documents, in context-sized windows.
+
+Alignment (token j of a document, t_j):
+  * layer values (gates, Δ-norms, cos, expected steps, ρ_d) are those computed at the position whose
+    *input* is t_j;
+  * `loss[j]` is the cross-entropy of *predicting* t_j from the tokens before it (nats). With a BOS every
+    token has one; without, the first token of a document has none (NaN).
+
+A document longer than the window (`chunk_len`, default the model's context) is cut into consecutive
+non-overlapping windows, like `dualpath eval` scores raw text; each window starts with an empty context
+(the first token of a later window is still predicted, from the previous window's last position).
+
+Deep share: ρ_d = g_d‖Δ_d‖ / (g_d‖Δ_d‖ + g_w‖Δ_w‖), Δ = h_path − x (the layer's input), from the
+diagnostics' Δ-norms; NaN where the denominator is 0. Defined for dual models only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from ..model import Overrides
+
+LAYER_KEYS = ("gate_deep", "gate_wide", "delta_norm_deep", "delta_norm_wide", "cos_deep_wide", "expected_steps")
+TOKEN_KEYS = ("ids", "doc", "loss")
+
+
+def _windows(docs: list[np.ndarray], bos: int | None, L: int, need_last: bool):
+    """(input ids, target ids, token index of each input position, token index of each target) per window.
+
+    Token indices are flat over all documents; -1 marks the BOS or a position without a target.
+    """
+    base = 0
+    off = 1 if bos is not None else 0
+    for ids in docs:
+        n = len(ids)
+        seq = np.concatenate([[bos], ids]).astype(np.int64) if off else np.asarray(ids, dtype=np.int64)
+        m = len(seq)
+        for a in range(0, m, L):
+            b = min(a + L, m)
+            pos = np.arange(a, b)
+            tgt_pos = pos + 1
+            has_t = tgt_pos < m
+            if not has_t.any() and not need_last:
+                continue
+            tgt = np.where(has_t, seq[np.minimum(tgt_pos, m - 1)], -1)
+            in_idx = np.where(pos >= off, base + pos - off, -1)
+            tgt_idx = np.where(has_t, base + tgt_pos - off, -1)
+            yield seq[a:b], tgt, in_idx, tgt_idx
+        base += n
+
+
+@torch.inference_mode()
+def capture_ids(model, docs: Sequence, *, bos: int | None = None, chunk_len: int | None = None,
+                batch_size: int = 8, token_mask=None, token_mask_to: str = "wide", overrides: Overrides | None = None,
+                diagnostics: bool = True) -> dict[str, np.ndarray]:
+    """Capture over documents given as token ids (each scored on its own, after `bos` when given).
+
+    token_mask: bool per token (flat over all documents); where True, a dual model's gates are forced to
+    `token_mask_to` ("deep" or "wide") in every layer. diagnostics=False gives the losses only (faster).
+    Returns `ids`, `doc`, `loss` of shape (n_tokens,), and for every value the model reports, an array of
+    shape (n_layers, n_tokens) (`halt_weights`: (n_layers, n_tokens, K)), plus `rho_deep` for dual models.
+    Values a model does not have (the gates of a loop model, say) are left out.
+    """
+    docs = [np.asarray(d, dtype=np.int64).reshape(-1) for d in docs]
+    cfg = model.cfg
+    L = int(chunk_len or cfg.seq_len)
+    if not 1 <= L <= cfg.seq_len:
+        raise DataError(f"chunk length {L} is outside 1..{cfg.seq_len} (the model's context)")
+    if batch_size < 1:
+        raise DataError(f"batch size must be >= 1, got {batch_size}")
+    N = int(sum(len(d) for d in docs))
+    vocab = cfg.vocab_size
+    for d in docs:
+        if len(d) and (d.min() < 0 or d.max() >= vocab):
+            raise DataError(f"token id {int(d.max())} is outside the model's vocabulary ({vocab})")
+    if bos is not None and not 0 <= bos < vocab:
+        raise DataError(f"BOS id {bos} is outside the model's vocabulary ({vocab})")
+    if token_mask_to not in ("deep", "wide"):
+        raise DataError(f"token_mask_to must be 'deep' or 'wide', got {token_mask_to!r}")
+    mask = None
+    if token_mask is not None:
+        mask = np.asarray(token_mask, dtype=bool).reshape(-1)
+        if mask.size != N:
+            raise DataError(f"token mask has {mask.size} entries for {N} tokens")
+    device = next(model.parameters()).device
+    out: dict[str, np.ndarray] = {
+        "ids": np.concatenate(docs) if N else np.zeros(0, np.int64),
+        "doc": np.concatenate([np.full(len(d), i, np.int32) for i, d in enumerate(docs)]) if N else np.zeros(0, np.int32),
+        "loss": np.full(N, np.nan, np.float32),
+    }
+    n_layers = len(model.layers)
+    layer: dict[str, np.ndarray] = {}
+    batch: list = []
+
+    def run(batch):
+        T = max(len(w[0]) for w in batch)
+        x = torch.zeros(len(batch), T, dtype=torch.long)
+        y = torch.full((len(batch), T), -1, dtype=torch.long)
+        m = torch.zeros(len(batch), T, dtype=torch.bool) if mask is not None else None
+        for r, (inp, tgt, in_idx, _) in enumerate(batch):
+            x[r, :len(inp)] = torch.from_numpy(inp)
+            y[r, :len(tgt)] = torch.from_numpy(tgt)
+            if m is not None:
+                sel = in_idx >= 0
+                row = np.zeros(len(inp), bool)
+                row[sel] = mask[in_idx[sel]]
+                m[r, :len(inp)] = torch.from_numpy(row)
+        ov = overrides or Overrides()
+        if m is not None:
+            from dataclasses import replace
+
+            ov = replace(ov, token_mask=m.to(device), token_mask_to=token_mask_to)
+        res = model(x.to(device), y.to(device), overrides=ov, return_per_token_loss=True,
+                    return_diagnostics=diagnostics)
+        ptl = res.per_token_loss.float().cpu().numpy()
+        diags = [{k: v.float().cpu().numpy() for k, v in d.items()
+                  if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[:2] == (len(batch), T)}
+                 for d in res.diagnostics] if diagnostics else []
+        for r, (inp, tgt, in_idx, tgt_idx) in enumerate(batch):
+            n = len(inp)
+            ok = tgt_idx >= 0
+            out["loss"][tgt_idx[ok]] = ptl[r, :n][ok]
+            if not diagnostics:
+                continue
+            sel = in_idx >= 0
+            for li, d in enumerate(diags):
+                for key in (*LAYER_KEYS, "halt_weights"):
+                    if key not in d:
+                        continue
+                    v = d[key][r, :n]
+                    if key not in layer:
+                        layer[key] = np.full((n_layers, N, *v.shape[1:]), np.nan, np.float32)
+                    if layer[key].shape[2:] != v.shape[1:]:
+                        continue  # per-layer K differs (not in this model family): keep the first shape
+                    layer[key][li, in_idx[sel]] = v[sel]
+
+    for w in _windows(docs, bos, L, need_last=diagnostics):
+        batch.append(w)
+        if len(batch) == batch_size:
+            run(batch)
+            batch = []
+    if batch:
+        run(batch)
+    out.update(layer)
+    if {"gate_deep", "gate_wide", "delta_norm_deep", "delta_norm_wide"} <= layer.keys():
+        out["rho_deep"] = deep_share(layer["gate_deep"], layer["gate_wide"], layer["delta_norm_deep"],
+                                     layer["delta_norm_wide"])
+    return out
+
+
+def deep_share(g_d, g_w, norm_d, norm_w) -> np.ndarray:
+    """ρ_d = g_d‖Δ_d‖ / (g_d‖Δ_d‖ + g_w‖Δ_w‖) (float64 arithmetic, float32 result); NaN where the denominator is 0."""
+    num = np.asarray(g_d, np.float64) * np.asarray(norm_d, np.float64)
+    den = num + np.asarray(g_w, np.float64) * np.asarray(norm_w, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+    return rho.astype(np.float32)
+
+
+def _is_int_seq(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 1
+    if isinstance(x, np.ndarray):
+        return x.ndim == 1 and np.issubdtype(x.dtype, np.integer)
+    return isinstance(x, (list, tuple)) and all(isinstance(v, (int, np.integer)) for v in x)
+
+
+def capture(model, ids_or_text, tokenizer=None, *, chunk_len: int | None = None, batch_size: int = 8,
+            bos: int | None | str = "auto", token_mask=None, token_mask_to: str = "wide",
+            overrides: Overrides | None = None, diagnostics: bool = True) -> dict[str, np.ndarray]:
+    """Per-token, per-layer routing values of `model` over text or token ids.
+
+    ids_or_text: a string, a list of strings (documents), a 1-D sequence of token ids, or a list of such
+    sequences. Text needs `tokenizer` (a `tokenizers.Tokenizer`); its documents are scored after a BOS
+    (the tokenizer's end-of-text token) and the result also holds `start`/`end`, each token's character
+    span in its document. Token ids get no BOS unless `bos` is an id.
+
+    Returns a dict of NumPy arrays: `ids`, `doc`, `loss` (n_tokens,); `gate_deep`, `gate_wide`,
+    `rho_deep`, `delta_norm_deep`, `delta_norm_wide`, `cos_deep_wide`, `expected_steps`
+    (n_layers, n_tokens) where the architecture has them; `halt_weights` (n_layers, n_tokens, K).
+    """
+    from .corpus import bos_id, encode_with_offsets
+
+    if isinstance(ids_or_text, str) or (isinstance(ids_or_text, (list, tuple)) and ids_or_text
+                                        and all(isinstance(t, str) for t in ids_or_text)):
+        if tokenizer is None:
+            raise DataError("capturing text needs a tokenizer")
+        texts = [ids_or_text] if isinstance(ids_or_text, str) else list(ids_or_text)
+        encoded = [encode_with_offsets(tokenizer, t) for t in texts]
+        docs = [e[0] for e in encoded]
+        if bos == "auto":
+            bos = bos_id(tokenizer)
+        res = capture_ids(model, docs, bos=bos, chunk_len=chunk_len, batch_size=batch_size, token_mask=token_mask,
+                          token_mask_to=token_mask_to, overrides=overrides, diagnostics=diagnostics)
+        offs = np.concatenate([e[1] for e in encoded]) if res["ids"].size else np.zeros((0, 2), np.int64)
+        res["start"], res["end"] = offs[:, 0], offs[:, 1]
+        return res
+    if _is_int_seq(ids_or_text):
+        docs = [np.asarray(ids_or_text.tolist() if isinstance(ids_or_text, torch.Tensor) else ids_or_text)]
+    elif isinstance(ids_or_text, (list, tuple)) and all(_is_int_seq(d) for d in ids_or_text):
+        docs = [np.asarray(d.tolist() if isinstance(d, torch.Tensor) else d) for d in ids_or_text]
+    else:
+        raise DataError("capture expects text, a list of texts, token ids, or a list of token-id sequences")
+    return capture_ids(model, docs, bos=None if bos == "auto" else bos, chunk_len=chunk_len, batch_size=batch_size,
+                       token_mask=token_mask, token_mask_to=token_mask_to, overrides=overrides,
+                       diagnostics=diagnostics)

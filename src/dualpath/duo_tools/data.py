@@ -1,0 +1,114 @@
+"""Evaluation and training windows for the Duo tools: a prepared folder or a text file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError
+
+
+def check_seq_len(model, seq_len: int | None) -> int:
+    T = int(seq_len or model.cfg.seq_len)
+    if not 1 <= T <= model.cfg.seq_len:
+        raise ConfigError(f"sequence length {T} is outside 1..{model.cfg.seq_len} (the model's context)")
+    return T
+
+
+def _check_folder_vocab(folder: Path, model) -> None:
+    meta = folder / "meta.json"
+    if meta.is_file():
+        try:
+            vocab = int(json.loads(meta.read_text()).get("vocab_size", 0))
+        except (json.JSONDecodeError, ValueError, TypeError):
+            raise DataError(f"corrupt meta.json in {folder}") from None
+        if vocab > model.cfg.vocab_size:
+            raise DataError(f"vocabulary mismatch: the data in {folder} uses {vocab} token ids but the model's "
+                            f"vocabulary is {model.cfg.vocab_size}")
+
+
+def load_windows(data: str | Path, model, *, tokenizer_dir: str | Path | None = None, split: str = "val",
+                 max_sequences: int | None = 64, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (N, T) int64, from consecutive windows of T + 1 tokens (consecutive windows
+    share their boundary token, so every token is a target once).
+
+    data: a prepared folder (its `split` shards), or a UTF-8 text file tokenized with the tokenizer in
+    `tokenizer_dir` (the checkpoint folder); the text is prefixed with EOS like `dualpath eval`, and its last,
+    shorter window is padded (input 0, target -1 = ignored).
+    """
+    T = check_seq_len(model, seq_len)
+    if max_sequences is not None and max_sequences < 1:
+        raise ConfigError(f"--max-sequences must be >= 1, got {max_sequences}")
+    p = Path(data)
+    if p.is_dir():
+        from ..data.shards import TokenShards
+
+        _check_folder_vocab(p, model)
+        shards = TokenShards(p, split)
+        n = (shards.n_tokens - 1) // T
+        if n < 1:
+            raise DataError(f"the {split} split of {p} has {shards.n_tokens} tokens, fewer than the window + 1 "
+                            f"({T + 1})")
+        n = min(n, max_sequences) if max_sequences else n
+        rows = np.stack([shards.get(w * T, T + 1) for w in range(n)])
+        w = torch.from_numpy(rows.astype(np.int64))
+        x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
+    elif p.is_file():
+        from ..evaluate import _eos, check_tokenizer, load_tokenizer
+
+        if tokenizer_dir is None:
+            raise DataError(f"{p} is a text file: a tokenizer (the checkpoint's tokenizer.json) is needed")
+        tok = load_tokenizer(tokenizer_dir)
+        check_tokenizer(tok, model)
+        ids = [_eos(tok)] + tok.encode(p.read_text(encoding="utf-8", errors="replace")).ids
+        if len(ids) < 2:
+            raise DataError(f"{p} is too short to evaluate (fewer than 2 tokens)")
+        xs, ys = [], []
+        for s in range(0, len(ids) - 1, T):
+            chunk = ids[s:s + T + 1]
+            if len(chunk) < 2:
+                break
+            xr = torch.zeros(T, dtype=torch.long)
+            yr = torch.full((T,), -1, dtype=torch.long)
+            xr[:len(chunk) - 1] = torch.tensor(chunk[:-1])
+            yr[:len(chunk) - 1] = torch.tensor(chunk[1:])
+            xs.append(xr)
+            ys.append(yr)
+            if max_sequences and len(xs) >= max_sequences:
+                break
+        x, y = torch.stack(xs), torch.stack(ys)
+    else:
+        raise DataError(f"data not found: {p} (expected a prepared folder or a text file)")
+    hi = int(x.max())
+    if hi >= model.cfg.vocab_size:
+        raise DataError(f"token id {hi} in {p} is out of range for the model's vocabulary ({model.cfg.vocab_size})")
+    return x, y
+
+
+def make_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int = 8, device="cpu") -> list:
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    return [(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)) for i in range(0, x.shape[0], batch_size)]
+
+
+def train_window_fn(folder: str | Path, model, *, batch_size: int = 8, seq_len: int | None = None, seed: int = 0,
+                    device="cpu"):
+    """step -> (inputs, targets): random train-split windows of a prepared folder (a seeded, stateless order)."""
+    from ..data.shards import TokenShards, WindowSampler
+
+    p = Path(folder)
+    if not p.is_dir():
+        raise DataError(f"router training needs a prepared data folder (made by `dualpath prepare`), got {p}")
+    T = check_seq_len(model, seq_len)
+    _check_folder_vocab(p, model)
+    shards = TokenShards(p, "train")
+    sampler = WindowSampler(shards.n_tokens, T, seed, split="train")
+
+    def get(step: int):
+        w = torch.from_numpy(sampler.batch(shards, step * batch_size, batch_size))
+        return w[:, :-1].to(device), w[:, 1:].to(device)
+
+    return get

@@ -1,0 +1,375 @@
+"""Iso-FLOP sweeps: budgets × architectures × K × α × seeds, as the paper runs them.
+
+    dualpath sweep SWEEP.yaml [--jobs N] [--dry-run] [--only-aggregate]
+
+Every run of a budget gets the same total true training FLOPs: the budget's tokens times the true training
+FLOPs per token of its PureWide model (`target_flops`). Widths come from the solver. Each run writes into
+its own folder and is resumable: finished runs are skipped, a crashed run resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .config import RunConfig, apply_overrides, from_dict, load_yaml, to_dict, validate_tree
+from .errors import ConfigError
+
+
+@dataclass
+class ArmSpec:
+    arch: str = "dual"  # wide | loop | dual
+    K: list[int] = field(default_factory=lambda: [1])
+    alpha: list[float] = field(default_factory=lambda: [0.5])
+
+    def validate(self) -> "ArmSpec":
+        if self.arch not in ("wide", "loop", "dual"):
+            raise ConfigError(f"sweep arm arch must be wide, loop or dual, got '{self.arch}'")
+        if any(k < 1 for k in self.K):
+            raise ConfigError(f"sweep arm K values must be >= 1, got {self.K}")
+        if any(not 0 < a < 1 for a in self.alpha):
+            raise ConfigError(f"sweep arm alpha values must be in (0, 1), got {self.alpha}")
+        return self
+
+
+@dataclass
+class SweepConfig:
+    name: str = "sweep"
+    out_dir: str = "runs/sweep"
+    base: RunConfig = field(default_factory=RunConfig)  # backbone, data, optimiser, trainer settings
+    budgets: list[float] = field(default_factory=lambda: [80e6])  # per-layer F_M
+    match: str = "paper"  # paper | true (solve on true FLOPs at base.model.seq_len)
+    multiple: int = 64
+    build_multiple: int = 256
+    tokens: list[int] = field(default_factory=lambda: [0])  # training tokens per budget (PureWide-equivalent)
+    arms: list[ArmSpec] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    evals: list[str] = field(default_factory=list)  # prepared folders, .txt files, Q/A .jsonl files
+    eval_limit: int = 0  # windows / examples per eval set (0: all)
+    assumed_mfu: float = 0.5  # for --dry-run's wall-time estimate only
+
+    def validate(self) -> "SweepConfig":
+        if not self.arms:
+            raise ConfigError("sweep.arms is empty")
+        if self.match not in ("paper", "true"):
+            raise ConfigError(f"sweep.match must be paper or true, got '{self.match}'")
+        if len(self.tokens) not in (1, len(self.budgets)) or min(self.tokens) < 1:
+            raise ConfigError("sweep.tokens needs one positive token count, or one per budget")
+        for a in self.arms:
+            a.validate()
+        return self
+
+
+@dataclass
+class Run:
+    budget: float
+    arch: str
+    K: int
+    alpha: float | None
+    seed: int
+    config: RunConfig
+    params: int
+    flops_per_token: float  # true forward
+    target_flops: float
+
+    @property
+    def arm(self) -> str:
+        if self.arch == "wide":
+            return "PureWide"
+        if self.arch == "loop":
+            return f"PureLoop K={self.K}"
+        return f"Dual K={self.K} α={self.alpha}"
+
+    @property
+    def folder(self) -> str:
+        tag = {"wide": "wide", "loop": f"loop_K{self.K}", "dual": f"dual_K{self.K}_a{self.alpha}"}[self.arch]
+        return f"F{self.budget:.3g}/{tag}/seed{self.seed}"
+
+
+def load_sweep(path: str | Path, overrides=()) -> SweepConfig:
+    cfg = from_dict(SweepConfig, load_yaml(path))
+    apply_overrides(cfg, list(overrides))
+    m = cfg.base.model  # the solver sets the widths of every run; the backbone needs none
+    m.d_ffn_deep, m.d_ffn_wide = m.d_ffn_deep or 1, m.d_ffn_wide or 1
+    return validate_tree(cfg)
+
+
+def plan(sweep: SweepConfig) -> list[Run]:
+    """The grid, with widths from the solver and one total FLOP target per budget."""
+    from .solver import solve
+
+    backbone = sweep.base.model
+    T = sweep.base.data.seq_len or backbone.seq_len
+    runs = []
+    for b, budget in enumerate(sweep.budgets):
+        tokens = sweep.tokens[b] if len(sweep.tokens) > 1 else sweep.tokens[0]
+        kw = dict(multiple=sweep.multiple, build_multiple=sweep.build_multiple, match=sweep.match, seq_len=T)
+        wide = solve(backbone, budget, "wide", **kw)
+        target = tokens * 3 * wide["config"].meta_model().flops_per_token(T, "true")
+        for arm in sweep.arms:
+            ks = [1] if arm.arch == "wide" else arm.K
+            alphas = [None] if arm.arch != "dual" else arm.alpha
+            for K, alpha, seed in itertools.product(ks, alphas, sweep.seeds):
+                r = solve(backbone, budget, arm.arch, K=K, alpha=alpha or 0.5, **kw)
+                cfg = RunConfig(model=r["config"], data=dataclasses.replace(sweep.base.data),
+                                optim=dataclasses.replace(sweep.base.optim),
+                                train=dataclasses.replace(sweep.base.train, seed=seed, steps=0, tokens=0,
+                                                          target_flops=target, resume="auto"))
+                runs.append(Run(budget, arm.arch, K, alpha, seed, cfg, r["params"],
+                                r["flops_true_per_token"], target))
+    for r in runs:
+        r.config.train.out_dir = str(Path(sweep.out_dir) / r.folder)
+    return runs
+
+
+def dry_run(sweep: SweepConfig, runs: list[Run], jobs: int = 1) -> str:
+    from .perf import measure_gemm_peak
+
+    peak = measure_gemm_peak("cpu", seconds=0.3)
+    lines = ["| budget | arm | seed | params | true FLOPs/token (fwd) | train FLOPs | est. minutes |",
+             "|---|---|---|---|---|---|---|"]
+    total = 0.0
+    for r in runs:
+        minutes = r.target_flops / (peak * sweep.assumed_mfu) / 60
+        total += minutes
+        lines.append(f"| {r.budget:.3g} | {r.arm} | {r.seed} | {r.params / 1e6:.2f}M | "
+                     f"{r.flops_per_token / 1e6:.2f}M | {r.target_flops:.3g} | {minutes:.1f} |")
+    lines.append("")
+    lines.append(f"{len(runs)} runs; estimated wall time {total / 60:.1f} h on one process ({total / 60 / jobs:.1f} h "
+                 f"with --jobs {jobs}), assuming MFU {sweep.assumed_mfu} of a measured {peak / 1e9:.0f} GFLOP/s "
+                 "GEMM peak on this machine")
+    return "\n".join(lines)
+
+
+def _run_one(run: Run, sweep: SweepConfig, threads: int | None) -> subprocess.Popen | None:
+    folder = Path(run.config.train.out_dir)
+    if (folder / "eval.json").is_file():
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg_path = folder / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(to_dict(run.config), sort_keys=False))
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, "-m", "dualpath.sweep", "--run-one", str(cfg_path)] + [
+        f"--eval={e}" for e in sweep.evals] + [f"--eval-limit={sweep.eval_limit}"]
+    log = open(folder / "run.log", "a")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def train_and_eval(cfg_path: str, evals: list[str], eval_limit: int) -> None:
+    """One run of a sweep (a child process): train to the target, then evaluate on every eval set."""
+    from .checkpoint import atomic_write_text, load_model
+    from .config import load_config
+    from .evaluate import evaluate_datasets, load_tokenizer
+    from .train import train
+
+    cfg = load_config(RunConfig, cfg_path)
+    cfg.train.progress = False
+    summary = train(cfg)
+    model, _, ckpt = load_model(cfg.train.out_dir)
+    result = {"summary": summary}
+    if evals:
+        res = evaluate_datasets(model, load_tokenizer(ckpt), evals, limit=eval_limit or None)
+        result["eval"] = res["variants"][next(iter(res["variants"]))]
+    atomic_write_text(Path(cfg.train.out_dir) / "eval.json", json.dumps(result, indent=2))
+
+
+def run_sweep(sweep: SweepConfig, jobs: int = 1, log=print) -> list[dict]:
+    runs = plan(sweep)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pending = list(runs)
+    active: list[tuple[Run, subprocess.Popen]] = []
+    failed = []
+    while pending or active:
+        while pending and len(active) < jobs:
+            run = pending.pop(0)
+            proc = _run_one(run, sweep, threads)
+            if proc is None:
+                log(f"done already: {run.folder}")
+                continue
+            log(f"started: {run.folder} ({run.arm}, {run.params / 1e6:.2f}M params)")
+            active.append((run, proc))
+        time.sleep(0.5)
+        for run, proc in list(active):
+            if proc.poll() is not None:
+                active.remove((run, proc))
+                if proc.returncode:
+                    failed.append(run.folder)
+                    log(f"FAILED ({proc.returncode}): {run.folder}; see {run.config.train.out_dir}/run.log")
+                else:
+                    log(f"finished: {run.folder}")
+    rows = aggregate(sweep, runs)
+    if failed:
+        log(f"{len(failed)} run(s) failed; rerun the same command to resume them")
+    return rows
+
+
+def _collect(runs: list[Run]) -> list[dict]:
+    rows = []
+    for r in runs:
+        path = Path(r.config.train.out_dir) / "eval.json"
+        if not path.is_file():
+            continue
+        res = json.loads(path.read_text())
+        row = {"budget": r.budget, "arm": r.arm, "arch": r.arch, "K": r.K, "alpha": r.alpha, "seed": r.seed,
+               "params": r.params, "flops_per_token": r.flops_per_token, "train_flops": res["summary"]["flops"],
+               "val_bpb": res["summary"].get("val_bpb")}
+        for ds, v in (res.get("eval") or {}).items():
+            row[f"{ds}/bpb"] = v.get("bpb")
+            row[f"{ds}/loss"] = v.get("loss")
+            if v.get("answer_loss") is not None and not ds.endswith(":examples"):
+                row[f"{ds}/answer_loss"] = v.get("answer_loss")
+            for cat, c in (v.get("categories") or {}).items():
+                if ds.endswith(":examples"):
+                    row[f"{cat}/bpb"] = c.get("bpb")
+                    row[f"{cat}/acc"] = c.get("accuracy")
+        rows.append(row)
+    return rows
+
+
+def aggregate(sweep: SweepConfig, runs: list[Run]) -> list[dict]:
+    """results.csv (one row per run), results.md (mean ± std over seeds, best per budget in bold), plots."""
+    import statistics
+
+    out = Path(sweep.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = _collect(runs)
+    if not rows:
+        return rows
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    metrics = [k for k in keys if "/" in k or k == "val_bpb"]
+    lines = []
+    for budget in sorted({r["budget"] for r in rows}):
+        group = [r for r in rows if r["budget"] == budget]
+        arms = list(dict.fromkeys(r["arm"] for r in group))
+        stats = {}
+        for arm in arms:
+            rs = [r for r in group if r["arm"] == arm]
+            stats[arm] = {"params": rs[0]["params"], "fpt": rs[0]["flops_per_token"], "n": len(rs)}
+            for m in metrics:
+                vals = [r[m] for r in rs if isinstance(r.get(m), (int, float)) and r[m] is not None
+                        and math.isfinite(r[m])]
+                stats[arm][m] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0) \
+                    if vals else None
+        lines += [f"### Budget F_M = {budget:.3g} ({sweep.match} FLOPs per layer)", "",
+                  "| arm | params | FLOPs/token | seeds | " + " | ".join(metrics) + " |",
+                  "|---" * (len(metrics) + 4) + "|"]
+        best = {}
+        for m in metrics:
+            vals = {a: s[m][0] for a, s in stats.items() if s[m] is not None}
+            if vals:
+                best[m] = (max if m.endswith("/acc") else min)(vals, key=vals.get)
+        for arm, s in stats.items():
+            cells = []
+            for m in metrics:
+                if s[m] is None:
+                    cells.append("–")
+                    continue
+                text = f"{s[m][0]:.4f} ± {s[m][1]:.4f}"
+                cells.append(f"**{text}**" if best.get(m) == arm else text)
+            lines.append(f"| {arm} | {s['params'] / 1e6:.2f}M | {s['fpt'] / 1e6:.2f}M | {s['n']} | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("Mean ± std over seeds; bold: best in the budget (lowest BPB/loss, highest accuracy).")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    _plots(out, rows, runs)
+    return rows
+
+
+def _plots(out: Path, rows: list[dict], runs: list[Run]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    budgets = sorted({r["budget"] for r in rows})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        for arch, marker in (("wide", "s"), ("loop", "^"), ("dual", "o")):
+            rs = [r for r in rows if r["budget"] == budget and r["arch"] == arch and r.get("val_bpb")]
+            ax.scatter([r["params"] / 1e6 for r in rs], [r["val_bpb"] for r in rs], marker=marker, label=arch)
+        ax.set_xlabel("params (M)")
+        ax.set_ylabel("val BPB")
+        ax.set_title(f"F_M = {budget:.3g}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "bpb_vs_params.png", dpi=120)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        for r in runs:
+            if r.budget != budget or r.seed != runs[0].seed:
+                continue
+            path = Path(r.config.train.out_dir) / "metrics.jsonl"
+            if not path.is_file():
+                continue
+            recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            recs = [x for x in recs if "loss" in x and "flops" in x]
+            ax.plot([x["flops"] for x in recs], [x["loss"] for x in recs], label=r.arm, lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs (true)")
+        ax.set_ylabel("train loss")
+        ax.set_title(f"F_M = {budget:.3g}")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "loss_vs_flops.png", dpi=120)
+    plt.close(fig)
+
+
+def emit_configs(sweep: SweepConfig, folder: str | Path, source: str = "SWEEP.yaml") -> list[Path]:
+    """Write one training config per (budget, arm) of the grid (seed 0), e.g. the paper's F80M/F160M runs."""
+    folder = Path(folder)
+    written = []
+    for r in plan(sweep):
+        if r.seed != sweep.seeds[0]:
+            continue
+        path = folder / f"{r.folder.split('/seed')[0].replace('/', '_')}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        d = to_dict(r.config)
+        d["train"]["out_dir"] = f"runs/paper/{path.stem}"
+        header = (f"# {r.arm} at F_M = {r.budget:.3g} (paper FLOPs per layer): {r.params / 1e6:.0f}M params,\n"
+                  f"# {r.flops_per_token / 1e9:.2f} GFLOPs/token true forward. Generated by\n"
+                  f"# `dualpath sweep {source} --emit-configs {folder}`; widths from the iso-FLOP solver.\n")
+        path.write_text(header + yaml.safe_dump(d, sort_keys=False))
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m dualpath.sweep")
+    p.add_argument("--run-one", required=True)
+    p.add_argument("--eval", action="append", default=[])
+    p.add_argument("--eval-limit", type=int, default=0)
+    a = p.parse_args(argv)
+    from .errors import DualPathError
+
+    try:
+        train_and_eval(a.run_one, a.eval, a.eval_limit)
+    except DualPathError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""lm-evaluation-harness: the dualpath tasks (src/dualpath/tasks) on an exported model (`--model hf`) and the
+native `--model dualpath` (dualpath.lm_eval_model), offline, on tiny models and a few documents.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+for _var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[_var] = "1"
+
+lm_eval = pytest.importorskip("lm_eval")
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # lm-eval's hf model imports it
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_hf_export import make_checkpoint, train_test_tokenizer  # noqa: E402
+
+import dualpath.lm_eval_model  # noqa: E402,F401  (registers --model dualpath)
+from dualpath.errors import DataError, DualPathError  # noqa: E402
+from dualpath.hf import export_hf  # noqa: E402
+from dualpath.lm_eval_model import DualPathEvalLM  # noqa: E402
+from dualpath.tasks import TASKS_DIR, task_manager  # noqa: E402
+from dualpath.tasks import utils as task_utils  # noqa: E402
+
+DATA = Path("/work/shared/data")
+GSM8K = DATA / "gsm8k" / "test.jsonl"
+WIKITEXT = DATA / "wikitext-2" / "test.txt"
+need_data = pytest.mark.skipif(not (GSM8K.is_file() and WIKITEXT.is_file()), reason="shared data sets not present")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm_eval_world")
+    tok = train_test_tokenizer(root / "tokenizer.json")
+    run = make_checkpoint(root, "dual", seed=11, tokenizer=tok)
+    return {"root": root, "run": run, "export": export_hf(run, root / "export")}
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return task_manager(include_defaults=False)  # lm-eval's own ~thousands of tasks take seconds to index
+
+
+def hf_args(world, **kw):
+    return {"pretrained": str(world["export"]), "trust_remote_code": True, "dtype": "float32", **kw}
+
+
+def native_args(world, **kw):
+    return {"checkpoint": str(world["run"]), **kw}
+
+
+def evaluate(model, model_args, task, tm, limit, **kw):
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[task], limit=limit, device="cpu",
+                                   task_manager=tm, log_samples=True, batch_size=kw.pop("batch_size", 32), **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration
+
+
+def test_native_model_is_registered_without_hiding_builtin_models():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("dualpath") is DualPathEvalLM
+    assert get_model("hf").__name__ == "HFLM"
+    dualpath.lm_eval_model.register()  # idempotent
+    assert get_model("dualpath") is DualPathEvalLM
+
+
+def test_task_yamls_are_found(tasks):
+    for name in ("dualpath_gsm8k_local", "dualpath_text_ppl", "dualpath_synthetic_cloze"):
+        assert name in tasks.all_tasks
+    assert (TASKS_DIR / "utils.py").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Native vs exported: the same numbers
+
+
+def _instances(kind, args_list):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args_list)]
+
+
+def test_native_loglikelihoods_equal_hf(world):
+    from lm_eval.models.huggingface import HFLM
+
+    native = DualPathEvalLM(**native_args(world), batch_size=4)
+    hf = HFLM(**hf_args(world), device="cpu", batch_size=4)
+    assert native.max_length == hf.max_length == 64
+    texts = ["First Citizen:\nBefore we proceed any further, hear me speak.",
+             WIKITEXT.read_text(encoding="utf-8")[:700] if WIKITEXT.is_file() else "All:\nSpeak, speak." * 30]
+    a = native.loglikelihood_rolling(_instances("loglikelihood_rolling", [(t,) for t in texts]), disable_tqdm=True)
+    b = hf.loglikelihood_rolling(_instances("loglikelihood_rolling", [(t,) for t in texts]), disable_tqdm=True)
+    assert all(math.isfinite(x) and x < 0 for x in a)
+    for x, y in zip(a, b):
+        assert abs(x - y) < 1e-4 * max(1.0, abs(y)), (x, y)
+    pairs = [("First Citizen:", " Before we proceed"), ("Q: Where does he live?\nA:", " Rome"), ("", "hello")]
+    a = native.loglikelihood(_instances("loglikelihood", pairs), disable_tqdm=True)
+    b = hf.loglikelihood(_instances("loglikelihood", pairs), disable_tqdm=True)
+    for (x, gx), (y, gy) in zip(a, b):
+        assert abs(x - y) < 1e-4 and gx == gy
+
+
+def test_native_K_and_gates_equal_hf_model_args(world):
+    from lm_eval.models.huggingface import HFLM
+
+    native = DualPathEvalLM(**native_args(world, K=3, gates="deep-only"))
+    hf = HFLM(**hf_args(world, K=3, gates="deep-only"), device="cpu")
+    assert hf.model.config.K == 3 and hf.model.config.gates == "deep-only"
+    base = DualPathEvalLM(**native_args(world))
+    text = [("Before we proceed any further, hear me speak.",)]
+    a = native.loglikelihood_rolling(_instances("loglikelihood_rolling", text), disable_tqdm=True)[0]
+    b = hf.loglikelihood_rolling(_instances("loglikelihood_rolling", text), disable_tqdm=True)[0]
+    c = base.loglikelihood_rolling(_instances("loglikelihood_rolling", text), disable_tqdm=True)[0]
+    assert abs(a - b) < 1e-4 and abs(a - c) > 1e-3
+
+
+def test_native_model_args_are_checked(world):
+    with pytest.raises(DualPathError, match="needs model_args checkpoint"):
+        DualPathEvalLM()
+    with pytest.raises(DualPathError, match="unknown model_args.*pretrained"):
+        DualPathEvalLM(**native_args(world), pretrained="x")
+    with pytest.raises(DualPathError, match="K=99 is outside"):
+        DualPathEvalLM(**native_args(world), K=99)
+    with pytest.raises(DualPathError, match="gates"):
+        DualPathEvalLM(**native_args(world), gates="sideways")
+
+
+# ----------------------------------------------------------------------------------------------
+# The tasks, end to end
+
+
+@need_data
+def test_text_ppl_task_hf_and_native(world, tasks):
+    r_hf = evaluate("hf", hf_args(world), "dualpath_text_ppl", tasks, limit=2)
+    r_nat = evaluate("dualpath", native_args(world), "dualpath_text_ppl", tasks, limit=2)
+    res = r_hf["results"]["dualpath_text_ppl"]
+    wp, bp, bpb = res["word_perplexity,none"], res["byte_perplexity,none"], res["bits_per_byte,none"]
+    assert all(math.isfinite(v) and v > 0 for v in (wp, bp, bpb))
+    assert abs(bp - 2 ** bpb) < 1e-6 * bp
+    # bits per byte from the summed loglikelihood and the documents' bytes; word perplexity from words
+    docs = [s["doc"]["text"] for s in r_hf["samples"]["dualpath_text_ppl"]]
+    ll = [s["resps"][0][0] for s in r_hf["samples"]["dualpath_text_ppl"]]
+    nbytes = sum(len(d.encode("utf-8")) for d in docs)
+    nwords = sum(len(d.split()) for d in docs)
+    assert abs(bpb - (-sum(ll) / nbytes / math.log(2))) < 1e-6 * bpb
+    assert abs(math.log(wp) - (-sum(ll) / nwords)) < 1e-6 * math.log(wp)
+    assert len(docs) == 2 and docs[0].startswith("= Robert")
+    # the native model: the same per-document loglikelihoods
+    ll_nat = [s["resps"][0][0] for s in r_nat["samples"]["dualpath_text_ppl"]]
+    for x, y in zip(ll_nat, ll):
+        assert abs(x - y) < 1e-4 * max(1.0, abs(y))
+    assert abs(r_nat["results"]["dualpath_text_ppl"]["bits_per_byte,none"] - bpb) < 1e-6
+
+
+@need_data
+def test_gsm8k_task_hf_and_native(world, tasks):
+    kw = dict(limit=3, gen_kwargs="max_gen_toks=8")
+    r_hf = evaluate("hf", hf_args(world), "dualpath_gsm8k_local", tasks, **kw)
+    r_nat = evaluate("dualpath", native_args(world), "dualpath_gsm8k_local", tasks, **kw)
+    res = r_hf["results"]["dualpath_gsm8k_local"]
+    for key in ("exact_match,strict-match", "exact_match,flexible-extract"):
+        assert 0.0 <= res[key] <= 1.0
+    samples = [s for s in r_hf["samples"]["dualpath_gsm8k_local"] if s["filter"] == "strict-match"]
+    assert len(samples) == 3
+    first = json.loads(GSM8K.read_text(encoding="utf-8").splitlines()[0])
+    assert samples[0]["doc"]["question"] == first["question"] and samples[0]["target"] == first["answer"]
+    assert json.dumps(first["question"] + "\n") in json.dumps(samples[0]["arguments"])
+    # greedy generations are the same text natively
+    gen_hf = [s["resps"][0][0] for s in samples]
+    gen_nat = [s["resps"][0][0] for s in r_nat["samples"]["dualpath_gsm8k_local"] if s["filter"] == "strict-match"]
+    assert gen_hf == gen_nat
+
+
+def test_gsm8k_regex_scores_a_correct_answer(tmp_path):
+    """The task's filter and metric: '#### 18' after working out is right, anything else wrong."""
+    from lm_eval.tasks import TaskManager
+
+    rows = [{"question": "Janet has 9 eggs and sells them for $2 each. How much?", "answer": "9 * 2 = 18\n#### 18"}]
+    path = tmp_path / "gsm.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                       metadata={"gsm8k_path": str(path)}).load(["dualpath_gsm8k_local"])["tasks"]
+    task = next(iter(task.values()))
+    doc = next(iter(task.test_docs()))
+    ensemble = {f.name: f for f in task._filters}["strict-match"]
+
+    def score(generation: str) -> float:
+        resps = [[generation]]
+        for make_filter in ensemble.filters:
+            resps = list(make_filter().apply(resps, [doc]))
+        return task.process_results(doc, [resps[0]])["exact_match"]
+
+    assert score("She makes 9 * 2 = $18.\n#### 18") == 1.0
+    assert score("She makes 9 * 2 = 18.\n#### 1,8") == 1.0  # commas are ignored, as in lm-eval's gsm8k
+    assert score("She makes 19.\n#### 19") == 0.0
+    assert score("She makes 18.") == 0.0  # strict: no #### marker
+
+
+def _write_cloze_file(path: Path, n: int = 12) -> Path:
+    from dualpath.data.synthetic import SyntheticConfig, eval_examples
+
+    rows = [e for e in eval_examples(SyntheticConfig(), n) if e["category"] in ("fact", "arith")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cloze_docs(tmp_path):
+    from dualpath.data.synthetic import JOBS
+
+    path = _write_cloze_file(tmp_path / "eval_examples.jsonl", 40)
+    ds = task_utils.load_cloze(cloze_path=str(path), cloze_choices=4)["test"]
+    docs = list(task_utils.cloze_docs(ds))
+    assert len(docs) >= 30 and all(d["choices"][d["label"]] == d["answer"] for d in docs)
+    assert all(2 <= len(set(d["choices"])) == len(d["choices"]) <= 4 for d in docs)
+    assert sum(len(d["choices"]) == 4 for d in docs) >= len(docs) // 2
+    kinds = {d["kind"] for d in docs}
+    assert kinds <= {"city", "job", "birth_year", "relation"} and len(kinds) >= 3
+    answers_of = {k: {d["answer"] for d in docs if d["kind"] == k} for k in kinds}
+    for d in docs:  # distractors are answers of the same kind: years for years, jobs for jobs, ...
+        assert set(d["choices"]) <= answers_of[d["kind"]]
+        if d["kind"] == "job":
+            assert all(c in JOBS for c in d["choices"])
+        if d["kind"] == "birth_year":
+            assert all(c.isdigit() for c in d["choices"])
+    assert any(d["kind"] == "relation" and d["attribute"] != "relation" for d in docs)  # e.g. "mentor"
+    assert list(task_utils.cloze_docs(ds)) == docs  # reproducible
+
+
+def test_cloze_task_native(world, tasks, tmp_path):
+    path = _write_cloze_file(tmp_path / "eval_examples.jsonl")
+    tm = task_manager(metadata={"cloze_path": str(path)}, include_defaults=False)
+    r = evaluate("dualpath", native_args(world), "dualpath_synthetic_cloze", tm, limit=4)
+    res = r["results"]["dualpath_synthetic_cloze"]
+    assert 0.0 <= res["acc,none"] <= 1.0 and 0.0 <= res["acc_norm,none"] <= 1.0
+    s = r["samples"]["dualpath_synthetic_cloze"][0]
+    assert len(s["resps"]) == 4 and all(math.isfinite(x[0][0]) for x in s["resps"])
+    assert json.dumps(s["doc"]["prompt"]) in json.dumps(s["arguments"]) and s["doc"]["prompt"].startswith("Q: ")
+
+
+# ----------------------------------------------------------------------------------------------
+# Task data helpers
+
+
+def test_split_text_modes():
+    wiki = " \n = One = \n \n Alpha beta . \n \n = = Sub = = \n Gamma . \n \n = Two = \n \n Delta . \n"
+    assert task_utils.split_text(wiki) == ["= One = \n \n Alpha beta . \n \n = = Sub = = \n Gamma .",
+                                           "= Two = \n \n Delta ."]
+    plain = "para one\nline two\n\n\npara two\n  \npara three"
+    assert task_utils.split_text(plain) == ["para one\nline two", "para two", "para three"]
+    assert task_utils.split_text(plain, "lines") == ["para one", "line two", "para two", "para three"]
+    assert task_utils.split_text(plain, "whole") == [plain]
+    with pytest.raises(DataError, match="text_split"):
+        task_utils.split_text(plain, "sentences")
+
+
+def test_data_paths_come_from_metadata_env_or_yaml(tmp_path, monkeypatch):
+    f = tmp_path / "t.txt"
+    f.write_text("one para\n\ntwo para\n")
+    assert task_utils.load_text(text_path=str(f))["test"]["text"] == ["one para", "two para"]
+    monkeypatch.setenv("DUALPATH_TEXT_PATH", str(f))
+    assert len(task_utils.load_text(data_files={"test": "/nonexistent"})["test"]) == 2
+    monkeypatch.delenv("DUALPATH_TEXT_PATH")
+    assert len(task_utils.load_text(data_files={"test": str(f)})["test"]) == 2
+    with pytest.raises(DataError, match="text_path"):
+        task_utils.load_text(data_files={"test": str(tmp_path / "missing.txt")})
+    with pytest.raises(DataError, match="gsm8k_train_path"):
+        task_utils.load_gsm8k(gsm8k_path=str(GSM8K), gsm8k_train_path=str(tmp_path / "nope.jsonl"))
+
+
+@need_data
+def test_text_task_on_another_file_via_metadata(world, tmp_path):
+    f = tmp_path / "small.txt"
+    f.write_text("First Citizen:\nBefore we proceed.\n\nAll:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved.\n")
+    tm = task_manager(metadata={"text_path": str(f)}, include_defaults=False)
+    r = evaluate("dualpath", native_args(world), "dualpath_text_ppl", tm, limit=None)
+    assert len(r["samples"]["dualpath_text_ppl"]) == 3
+    assert math.isfinite(r["results"]["dualpath_text_ppl"]["bits_per_byte,none"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The command lines (slow: lm-eval indexes its ~thousands of built-in tasks at start)
+
+
+def _run(cmd, tmp_path):
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+
+
+@pytest.mark.slow
+@need_data
+def test_lm_eval_cli_hf(world, tmp_path):
+    lm_eval_bin = Path(sys.executable).with_name("lm_eval")
+    cmd = [str(lm_eval_bin) if lm_eval_bin.exists() else "lm_eval", "--model", "hf", "--model_args",
+           f"pretrained={world['export']},trust_remote_code=True,dtype=float32,K=3", "--device", "cpu",
+           "--tasks", "dualpath_text_ppl,dualpath_gsm8k_local", "--include_path", str(TASKS_DIR), "--limit", "2",
+           "--gen_kwargs", "max_gen_toks=8", "--batch_size", "16", "--output_path", str(tmp_path / "out")]
+    res = _run(cmd, tmp_path)["results"]
+    assert math.isfinite(res["dualpath_text_ppl"]["bits_per_byte,none"])
+    assert 0.0 <= res["dualpath_gsm8k_local"]["exact_match,strict-match"] <= 1.0
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_native_wrapper(world, tmp_path):
+    f = tmp_path / "small.txt"
+    f.write_text("First Citizen:\nBefore we proceed.\n\nAll:\nSpeak, speak.\n")
+    cmd = [sys.executable, "-m", "dualpath.lm_eval_model", "--model", "dualpath", "--model_args",
+           f"checkpoint={world['run']},K=1,gates=both=0.5", "--device", "cpu", "--tasks", "dualpath_text_ppl",
+           "--metadata", json.dumps({"text_path": str(f)}), "--output_path", str(tmp_path / "out")]
+    res = _run(cmd, tmp_path)["results"]
+    assert math.isfinite(res["dualpath_text_ppl"]["word_perplexity,none"])
