@@ -238,13 +238,13 @@ def test_cloze_docs(tmp_path):
 
 
 def test_cloze_task_native(world, tasks, tmp_path):
-    path = _write_cloze_file(tmp_path / "eval_examples.jsonl")
+    path = _write_cloze_file(tmp_path / "eval_examples.jsonl", 40)
     tm = task_manager(metadata={"cloze_path": str(path)}, include_defaults=False)
     r = evaluate("dualpath", native_args(world), "dualpath_synthetic_cloze", tm, limit=4)
     res = r["results"]["dualpath_synthetic_cloze"]
     assert 0.0 <= res["acc,none"] <= 1.0 and 0.0 <= res["acc_norm,none"] <= 1.0
     s = r["samples"]["dualpath_synthetic_cloze"][0]
-    assert len(s["resps"]) == 4 and all(math.isfinite(x[0][0]) for x in s["resps"])
+    assert len(s["resps"]) == len(s["doc"]["choices"]) == 4 and all(math.isfinite(x[0][0]) for x in s["resps"])
     assert json.dumps(s["doc"]["prompt"]) in json.dumps(s["arguments"]) and s["doc"]["prompt"].startswith("Q: ")
 
 

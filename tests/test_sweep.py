@@ -1,0 +1,94 @@
+"""The iso-FLOP sweep on a tiny grid: matched FLOPs, resumable runs, aggregation."""
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from dualpath.cli import main
+from dualpath.sweep import load_sweep, plan
+
+from helpers import SHAKESPEARE
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    if not SHAKESPEARE.is_file():
+        pytest.skip("shared data missing")
+    from dualpath.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("sweepdata")
+    src = root / "shakes.txt"
+    src.write_text(SHAKESPEARE.read_text()[:150_000])
+    prepare([str(src)], root / "data", vocab_size=320, val_fraction=0.1, progress=False)
+    return root / "data"
+
+
+def _sweep_file(tmp_path, data_dir, **extra):
+    cfg = {
+        "name": "tiny", "out_dir": str(tmp_path / "sweep"), "budgets": [2.0e5, 4.0e5], "match": "true",
+        "multiple": 16, "build_multiple": 16, "tokens": [2048], "seeds": [0, 1],
+        "arms": [{"arch": "wide"}, {"arch": "dual", "K": [2], "alpha": [0.5]}],
+        "evals": [str(data_dir)], "eval_limit": 2,
+        "base": {"model": {"vocab_size": 320, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1,
+                           "seq_len": 32},
+                 "data": {"path": str(data_dir), "batch_size": 4},
+                 "optim": {"warmup_steps": 2},
+                 "train": {"log_every": 4, "eval_every": 0, "save_every": 0, "eval_batches": 2,
+                           "progress": False, "tensorboard": False}},
+    }
+    cfg.update(extra)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_plan_matches_total_flops_per_budget(tmp_path, data_dir):
+    sweep = load_sweep(_sweep_file(tmp_path, data_dir))
+    runs = plan(sweep)
+    assert len(runs) == 2 * 2 * 2  # budgets x arms x seeds
+    for budget in sweep.budgets:
+        targets = {r.target_flops for r in runs if r.budget == budget}
+        assert len(targets) == 1  # every run of a budget gets the same training FLOPs
+        wide = next(r for r in runs if r.budget == budget and r.arch == "wide")
+        assert targets == {2048 * 3 * wide.flops_per_token}
+    assert len({r.config.train.out_dir for r in runs}) == len(runs)
+
+
+def test_dry_run_prints_the_grid(tmp_path, data_dir, capsys):
+    assert main(["sweep", str(_sweep_file(tmp_path, data_dir)), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| PureWide |") == 4 and out.count("| Dual K=2 α=0.5 |") == 4
+    assert "estimated wall time" in out
+
+
+@pytest.mark.slow
+def test_sweep_runs_aggregates_and_resumes(tmp_path, data_dir, capsys):
+    path = _sweep_file(tmp_path, data_dir, budgets=[2.0e5])
+    assert main(["sweep", str(path)]) == 0
+    out_dir = tmp_path / "sweep"
+    rows = list(csv.DictReader(open(out_dir / "results.csv")))
+    assert len(rows) == 4
+    flops = {r["arm"]: float(r["train_flops"]) for r in rows}
+    assert all(float(r["val_bpb"]) > 0 for r in rows)
+    # matched total FLOPs up to one step of the cheaper arm
+    assert abs(flops["PureWide"] - flops["Dual K=2 α=0.5"]) / flops["PureWide"] < 0.5
+    md = (out_dir / "results.md").read_text()
+    assert "| PureWide |" in md and "±" in md and "**" in md
+    assert (out_dir / "bpb_vs_params.png").is_file() and (out_dir / "loss_vs_flops.png").is_file()
+    # a second call skips every finished run
+    stamps = {p: p.stat().st_mtime_ns for p in out_dir.rglob("eval.json")}
+    assert main(["sweep", str(path)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out_dir.rglob("eval.json")} == stamps
+    ev = json.loads(next(out_dir.rglob("eval.json")).read_text())
+    assert "summary" in ev and "eval" in ev
+
+
+def test_sweep_config_errors(tmp_path, data_dir, capsys):
+    bad = _sweep_file(tmp_path, data_dir, arms=[{"arch": "wid"}])
+    assert main(["sweep", str(bad), "--dry-run"]) == 2
+    assert "wide, loop or dual" in capsys.readouterr().err
+    bad = _sweep_file(tmp_path, data_dir, bugdets=[1.0])
+    assert main(["sweep", str(bad), "--dry-run"]) == 2
+    assert "budgets" in capsys.readouterr().err
