@@ -72,9 +72,11 @@ class DualPathPreTrainedModel(PreTrainedModel):
         cfg = self.config
         std = cfg.init_std
         if isinstance(module, DualPathLM):
+            # in the weights' dtype, as DualPathLM(...).to(dtype) would have them
+            w = module.embed.weight
             cos, sin = module._rope_tables(module.cfg.seq_len)
-            module.rope_cos = cos.to(module.embed.weight.device)
-            module.rope_sin = sin.to(module.embed.weight.device)
+            module.rope_cos = cos.to(device=w.device, dtype=w.dtype)
+            module.rope_sin = sin.to(device=w.device, dtype=w.dtype)
         elif isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=std)
         elif isinstance(module, nn.RMSNorm):
