@@ -179,7 +179,7 @@ def test_chunked_capture_equals_per_window_forward():
     assert math.isnan(cap["loss"][0]) and np.isfinite(cap["loss"][1:]).all()
     assert np.isfinite(cap["gate_deep"]).all()
     for a in range(0, len(ids), L):
-        x = torch.tensor([ids[a:a + L]])
+        x = torch.from_numpy(ids[a:a + L]).unsqueeze(0)
         with torch.no_grad():
             out = model(x, return_diagnostics=True)
         n = x.shape[1]

@@ -133,6 +133,8 @@ def test_export_layout(hf_world):
     weights = load_file(str(out / "model.safetensors"))
     native, _, _ = load_model(hf_world["runs"]["dual"])
     assert set(weights) == {f"model.{k}" for k in native.state_dict()}
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (out / "model.safetensors").stat().st_mode == (out / "config.json").stat().st_mode
     import dualpath.model
 
     assert (out / "model.py").read_text() == Path(dualpath.model.__file__).read_text()  # the native code, as is
@@ -220,6 +222,26 @@ def test_bad_overrides_fail_clearly(hf_world):
         load_hf(hf_world["exports"]["dual"], gates="sideways")
     with pytest.raises(ValueError, match="max_loops"):
         load_hf(hf_world["exports"]["dual"], K=99)
+
+
+def test_duo_export_matches_native(hf_world, tmp_path):
+    import dataclasses
+
+    if "duo_policy" not in {f.name for f in dataclasses.fields(ModelConfig)}:
+        pytest.skip("this dualpath has no Duo-LLM routing policies")
+    # a fixed routing pattern, so native and exported runs route alike (the default policy is random)
+    run = make_checkpoint(tmp_path, "duo", seed=9, tokenizer=hf_world["tokenizer"], d_ffn_big=128,
+                          duo_policy="pattern", duo_pattern="BS")
+    out = export_hf(run, tmp_path / "duo_export")
+    assert (out / "duo.py").read_text() == (Path(__import__("dualpath").__file__).parent / "duo.py").read_text()
+    native, _, _ = load_model(run)
+    hf = load_hf(out)
+    ids = sample_ids(seed=10)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, native(ids).logits, rtol=0, atol=ATOL)
+    prompt = ids[0, :8].tolist()
+    got = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, 8:].tolist()
+    assert got == list(generate_tokens(native, prompt, 6))[:len(got)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -187,7 +187,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         raise CheckpointError(f"weights in {ckpt} do not fit its config: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
     for k, v in state.items():
-        if v.shape != expected[k].shape:
+        if v.shape != expected[k].shape and v.numel() == expected[k].numel():
+            state[k] = v.reshape(expected[k].shape)  # older checkpoints kept the wide gain β as a scalar
+        elif v.shape != expected[k].shape:
             raise CheckpointError(f"weights in {ckpt}: {k} has shape {tuple(v.shape)}, the config builds "
                                   f"{tuple(expected[k].shape)}")
     model.load_state_dict(state)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
-from .solver import solve, table_markdown
+from .solver import solve, solve_grid, table_markdown
 
 BACKBONE = dict(vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, seq_len=128, ffn_multiple=64)
 ARMS = (("PureWide", "wide", 1, None), ("Dual K=2 α=0.5", "dual", 2, 0.5))
@@ -53,6 +53,11 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, budget: float =
             for _, arch, k, a in ARMS]
     log(f"[2/4] widths at a per-layer budget of {budget:.3g} true FLOPs (T={BACKBONE['seq_len']}):")
     log(table_markdown(rows))
+    if not quick:
+        paper = ModelConfig(d_model=768, n_layers=16, n_heads=12, n_kv_heads=12, vocab_size=50304, d_ffn_deep=1,
+                            d_ffn_wide=1)
+        log("For reference, the paper's grid at F_M = 80M (paper FLOPs, `dualpath solve --table`):")
+        log(table_markdown(solve_grid(paper, 80e6)))
 
     examples = [json.loads(line) for line in (data / "eval_examples.jsonl").read_text().splitlines() if line]
     by_cat: dict[str, list] = {}

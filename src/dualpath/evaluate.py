@@ -142,7 +142,7 @@ def evaluate_examples(model, tokenizer, examples: list[dict], batch_size: int = 
         result[key] = {
             "n": a["n"],
             **{k: v for k, v in _summary(a["loss_sum"], a["tokens"], a["bytes"], seconds, model).items()
-               if k in ("loss", "ppl", "bpb", "tokens", "bytes")},
+               if k in ("loss", "ppl", "bpb", "tokens", "bytes", "tokens_per_s", "flops")},
             "answer_loss": a["answer_loss_sum"] / max(a["answer_tokens"], 1),
             "accuracy": a["correct"] / a["n"] if exact_match else None,
         }
@@ -323,6 +323,8 @@ def results_markdown(results: dict) -> str:
     for d in ds:
         r = first[d]
         line = f"- {d}: loss {r['loss']:.4f}, ppl {r['ppl']:.2f}, BPB {r['bpb']:.4f}"
+        if r.get("tokens_per_s"):
+            line += f", {r['tokens']:,} tokens at {r['tokens_per_s']:,.0f} tok/s ({r['flops']:.3g} FLOPs)"
         if r.get("answer_loss") is not None and "answer_loss" in r:
             line += f", answer loss {r['answer_loss']:.4f}"
         if r.get("accuracy") is not None:

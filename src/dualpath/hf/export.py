@@ -204,7 +204,15 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwri
         hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_path), bos_token=eos, eos_token=eos, pad_token=eos,
                                          model_max_length=cfg.model.seq_len, clean_up_tokenization_spaces=False)
         hf_tok.save_pretrained(tmp)
+        # name the class every transformers version knows (5.x writes its own alias, TokenizersBackend)
+        tok_cfg_path = tmp / "tokenizer_config.json"
+        tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8"))
+        tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(_readme(cfg, ckpt, eos), encoding="utf-8")
+        mode = (tmp / "config.json").stat().st_mode & 0o777  # safetensors writes 0600; share like the rest
+        for f in tmp.iterdir():
+            f.chmod(mode)
         _fsync_tree(tmp)
         _install(tmp, out)
     except BaseException:
