@@ -8,6 +8,7 @@ en_core_web_sm model and are skipped when it is missing.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -44,8 +45,10 @@ Lia Fen works as a pilot in Corvale. Answer: she is a pilot, and she flies every
 """
 GSM = [
     {"question": "Tom has 12 apples and eats 5. How many are left?", "answer": "Answer: 12 - 5 = <<12-5=7>>7\n#### 7"},
-    {"question": "A box holds 48 pens; half are red. How many are red?", "answer": "Answer: 48/2 = <<48/2=24>>24\n#### 24"},
-    {"question": "Sam reads 3 pages a day for 4 days. How many pages?", "answer": "Answer: 3 * 4 = <<3*4=12>>12\n#### 12"},
+    {"question": "A box holds 48 pens; half are red. How many are red?",
+     "answer": "Answer: 48/2 = <<48/2=24>>24\n#### 24"},
+    {"question": "Sam reads 3 pages a day for 4 days. How many pages?",
+     "answer": "Answer: 3 * 4 = <<3*4=12>>12\n#### 12"},
 ]
 
 
@@ -371,8 +374,7 @@ def test_html_report_shows_every_token_escaped(tokenizer):
     assert data["n_layers"] == 3 and len(data["tokens"]) == n and data["tags"] == tags.tolist()
     assert len(data["values"]["rho_deep"]) == 3 and len(data["values"]["rho_deep"][0]) == n
     shown = re.sub(r"<[^>]+>", "", page.split('<div id="text">')[1].split('</div>')[0])
-    import html as _html
-    assert _html.unescape(shown) == text  # every character exactly once
+    assert html.unescape(shown) == text  # every character exactly once
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,10 +430,11 @@ def test_analyze_writes_every_output(tmp_path, tokenizer_file, capsys):
     assert len(re.findall(r'<span class="t" data-i=', page)) == n
 
 
-def test_analyze_data_folder_on_a_loop_model(tmp_path, tokenizer, tokenizer_file):
+@pytest.mark.parametrize("arch", ["loop", "wide"])
+def test_analyze_data_folder_on_loop_and_wide_models(arch, tmp_path, tokenizer, tokenizer_file):
     from dualpath.data.shards import write_shard
 
-    model = make_model("loop")
+    model = make_model(arch)
     run = save(tmp_path, model, tokenizer_file)
     data = tmp_path / "data"
     data.mkdir()
@@ -446,10 +449,16 @@ def test_analyze_data_folder_on_a_loop_model(tmp_path, tokenizer, tokenizer_file
     out = tmp_path / "out"
     summary = analyze(run, data=data, out_dir=out, pos_model="rules", repeats=2)
     names = {p.name for p in out.iterdir()}
-    assert {"layers.csv", "tag_layer_steps.csv", "arrays.npz", "report.html", "layer_gates.png"} <= names
-    assert "overrides.csv" not in names and "tag_layer_rho.csv" not in names
+    assert {"layers.csv", "arrays.npz", "report.html", "layer_gates.png", "summary.json"} <= names
+    assert not {"overrides.csv", "tag_layer_rho.csv", "collapse.csv"} & names
     assert "dual model" in summary["overrides_note"]
-    assert all(1 <= r["expected_steps"] <= 3 for r in summary["layers"]["data"])
+    if arch == "loop":
+        assert "tag_layer_steps.csv" in names
+        assert all(1 <= r["expected_steps"] <= 3 for r in summary["layers"]["data"])
+    else:
+        assert "tag_layer_steps.csv" not in names and summary["layers"]["data"][0]["delta_norm_wide"] > 0
+    arr = np.load(out / "arrays.npz")
+    assert str(arr["text"]) == "\n\n".join(TRAIN_TEXT) and "rho_deep" not in arr.files
 
 
 def test_analyze_user_errors(tmp_path, tokenizer_file):
@@ -466,8 +475,31 @@ def test_analyze_user_errors(tmp_path, tokenizer_file):
         analyze(run, text=facts, compare=facts, anchor="Nowhere", out_dir=tmp_path / "o", pos_model="rules")
     with pytest.raises(DataError, match="not found"):
         analyze(run, text=tmp_path / "missing.txt", out_dir=tmp_path / "o")
-    for exc in (DataError,):
-        try:
-            analyze(run, jsonl=facts, out_dir=tmp_path / "o")
-        except exc as e:
-            assert "\n" not in str(e)
+    with pytest.raises(DataError, match="invalid JSON") as e:
+        analyze(run, jsonl=facts, out_dir=tmp_path / "o")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists()  # nothing is written before the inputs are checked
+
+
+def test_command_line_wiring(tmp_path, tokenizer_file, capsys):
+    import argparse
+
+    from dualpath.analysis.command import add_arguments, kwargs_from_args, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    ckpt = save(tmp_path, make_model(), tokenizer_file)
+    facts = tmp_path / "facts.txt"
+    facts.write_text(FACTS)
+    args = parser.parse_args([str(ckpt), "--text", str(facts), "--out", str(tmp_path / "o"), "--pos-model", "rules",
+                              "--repeats", "2", "--override-to", "wide", "--json"])
+    kw = kwargs_from_args(args)
+    assert kw["override_tags"] == ("ARITH",) and kw["override_to"] == ("wide",) and kw["text"] == str(facts)
+    assert run(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["datasets"]["facts"]["documents"] == 3 and len(summary["overrides"]) == 1
+    args = parser.parse_args([str(ckpt), "--text", str(facts), "--out", str(tmp_path / "o2"), "--pos-model", "rules",
+                              "--override-tags", ""])
+    assert run(args) == 0
+    out = capsys.readouterr().out
+    assert "mean rho_d per layer [facts]" in out and "overrides.csv" not in out

@@ -187,6 +187,19 @@ def test_logits_match_native(hf_world, arch):
     assert abs(out.loss.item() - ref.item()) < 1e-5
 
 
+def test_bfloat16_matches_native_bfloat16(hf_world):
+    native, _, _ = load_model(hf_world["runs"]["dual"])
+    native = native.to(torch.bfloat16)
+    hf = load_hf(hf_world["exports"]["dual"], dtype=torch.bfloat16)
+    assert hf.model.rope_cos.dtype == torch.bfloat16
+    ids = sample_ids(seed=12)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, native(ids).logits, rtol=0, atol=0)
+    prompt = ids[0, :8].tolist()
+    got = hf.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False)[0, 8:].tolist()
+    assert got == list(generate_tokens(native, prompt, 5))[:len(got)]
+
+
 @pytest.mark.parametrize("arch", ("loop", "dual"))
 def test_K_from_pretrained_equals_native_override(hf_world, arch):
     native, _, _ = load_model(hf_world["runs"][arch])
@@ -408,6 +421,10 @@ def test_errors_are_one_line(hf_world, tmp_path):
     a_file.write_text("x")
     with pytest.raises(DualPathError, match="not a folder"):
         export_hf(hf_world["runs"]["wide"], a_file)
+    run = hf_world["runs"]["wide"]
+    with pytest.raises(CheckpointError, match="holds the checkpoint"):
+        export_hf(run, run, overwrite=True)
+    assert (run / "checkpoints" / "latest").is_file()
 
 
 def test_tied_embeddings(hf_world, tmp_path):

@@ -123,6 +123,13 @@ def test_native_K_and_gates_equal_hf_model_args(world):
     b = hf.loglikelihood_rolling(_instances("loglikelihood_rolling", text), disable_tqdm=True)[0]
     c = base.loglikelihood_rolling(_instances("loglikelihood_rolling", text), disable_tqdm=True)[0]
     assert abs(a - b) < 1e-4 and abs(a - c) > 1e-3
+    # add_bos_token=True: both prepend <|endoftext|> alike
+    native = DualPathEvalLM(**native_args(world), add_bos_token=True)
+    hf = HFLM(**hf_args(world, add_bos_token=True), device="cpu")
+    assert native.tok_encode("Hello") == hf.tok_encode("Hello") == [native.eot_token_id] + base.tok_encode("Hello")
+    a = native.loglikelihood_rolling(_instances("loglikelihood_rolling", text), disable_tqdm=True)[0]
+    b = hf.loglikelihood_rolling(_instances("loglikelihood_rolling", text), disable_tqdm=True)[0]
+    assert abs(a - b) < 1e-4
 
 
 def test_native_model_args_are_checked(world):
@@ -141,9 +148,11 @@ def test_native_model_args_are_checked(world):
 
 
 @need_data
-def test_text_ppl_task_hf_and_native(world, tasks):
-    r_hf = evaluate("hf", hf_args(world), "dualpath_text_ppl", tasks, limit=2)
-    r_nat = evaluate("dualpath", native_args(world), "dualpath_text_ppl", tasks, limit=2)
+def test_text_ppl_task_hf_and_native(world):
+    # wikitext-2 split by paragraphs (the default splits by article, and the second article is 24 kB)
+    tm = task_manager(metadata={"text_split": "paragraphs"}, include_defaults=False)
+    r_hf = evaluate("hf", hf_args(world), "dualpath_text_ppl", tm, limit=2)
+    r_nat = evaluate("dualpath", native_args(world), "dualpath_text_ppl", tm, limit=2)
     res = r_hf["results"]["dualpath_text_ppl"]
     wp, bp, bpb = res["word_perplexity,none"], res["byte_perplexity,none"], res["bits_per_byte,none"]
     assert all(math.isfinite(v) and v > 0 for v in (wp, bp, bpb))
@@ -155,7 +164,7 @@ def test_text_ppl_task_hf_and_native(world, tasks):
     nwords = sum(len(d.split()) for d in docs)
     assert abs(bpb - (-sum(ll) / nbytes / math.log(2))) < 1e-6 * bpb
     assert abs(math.log(wp) - (-sum(ll) / nwords)) < 1e-6 * math.log(wp)
-    assert len(docs) == 2 and docs[0].startswith("= Robert")
+    assert len(docs) == 2 and docs[0].startswith("= Robert") and docs[1].startswith("Robert")
     # the native model: the same per-document loglikelihoods
     ll_nat = [s["resps"][0][0] for s in r_nat["samples"]["dualpath_text_ppl"]]
     for x, y in zip(ll_nat, ll):
@@ -276,6 +285,18 @@ def test_data_paths_come_from_metadata_env_or_yaml(tmp_path, monkeypatch):
         task_utils.load_text(data_files={"test": str(tmp_path / "missing.txt")})
     with pytest.raises(DataError, match="gsm8k_train_path"):
         task_utils.load_gsm8k(gsm8k_path=str(GSM8K), gsm8k_train_path=str(tmp_path / "nope.jsonl"))
+
+
+def test_a_yaml_including_a_dualpath_task_can_change_its_file(tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    (tmp_path / "small.txt").write_text("Hello there.\n\nSecond para.\n")
+    folder = tmp_path / "mytasks"
+    folder.mkdir()
+    (folder / "mine.yaml").write_text(f"include: {TASKS_DIR / 'dualpath_text_ppl.yaml'}\ntask: my_text_ppl\n"
+                                      f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'small.txt'}\n")
+    loaded = TaskManager(include_path=str(folder), include_defaults=False).load(["my_text_ppl"])["tasks"]
+    assert [d["text"] for d in next(iter(loaded.values())).test_docs()] == ["Hello there.", "Second para."]
 
 
 @need_data

@@ -201,6 +201,12 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from .analysis.command import run
+
+    return run(args)
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -304,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--aggregate-only", action="store_true", help="only rebuild results.csv/.md and plots")
     s.add_argument("--emit-configs", metavar="DIR", help="write one training config per grid point")
     s.set_defaults(func=cmd_sweep)
+
+    from .analysis.command import add_arguments as add_analyze_arguments
+
+    s = sub.add_parser("analyze", help="routing analysis: gates, deep share, POS tags, token-class overrides, "
+                       "HTML report")
+    add_analyze_arguments(s)
+    s.set_defaults(func=cmd_analyze)
 
     s = sub.add_parser("demo", help="PureWide vs Dual at matched FLOPs on the synthetic corpus (make demo)")
     s.add_argument("--out", default="runs/demo")

@@ -9,7 +9,7 @@ import numpy as np
 
 GATE_HIGH = 0.95  # a gate above this is saturated open
 GATE_LOW = 0.05  # a gate below this is saturated shut
-DOMINANCE = 0.9  # a token is dominated by the deep path when ρ_d > DOMINANCE, by the wide path when ρ_d < 1 - DOMINANCE
+DOMINANCE = 0.9  # dominated by the deep path: ρ_d > DOMINANCE; by the wide path: ρ_d < 1 - DOMINANCE
 MIN_TAG_COUNT = 10  # tags with fewer tokens are left out of the tag x layer table
 ANCHOR_AFTER = 64  # tokens after the anchor that form the window (0: to the end of the document)
 LAYER_MEAN_KEYS = ("gate_deep", "gate_wide", "rho_deep", "cos_deep_wide", "expected_steps", "delta_norm_deep",
@@ -70,7 +70,8 @@ def tag_layer_table(cap: dict, tags, key: str = "rho_deep", min_count: int = MIN
             dropped[tag] = int(count)
             continue
         sel = has & (tags == tag)
-        rows.append({"tag": tag, "count": int(count), "values": [nanmean(vals[layer, sel]) for layer in range(vals.shape[0])]})
+        values = [nanmean(vals[layer, sel]) for layer in range(vals.shape[0])]
+        rows.append({"tag": tag, "count": int(count), "values": values})
     return {"key": key, "min_count": min_count, "rows": rows, "dropped": dropped}
 
 

@@ -89,7 +89,8 @@ def capture_ids(model, docs: Sequence, *, bos: int | None = None, chunk_len: int
     device = next(model.parameters()).device
     out: dict[str, np.ndarray] = {
         "ids": np.concatenate(docs) if N else np.zeros(0, np.int64),
-        "doc": np.concatenate([np.full(len(d), i, np.int32) for i, d in enumerate(docs)]) if N else np.zeros(0, np.int32),
+        "doc": (np.concatenate([np.full(len(d), i, np.int32) for i, d in enumerate(docs)]) if N
+                else np.zeros(0, np.int32)),
         "loss": np.full(N, np.nan, np.float32),
     }
     n_layers = len(model.layers)
@@ -153,7 +154,8 @@ def capture_ids(model, docs: Sequence, *, bos: int | None = None, chunk_len: int
 
 
 def deep_share(g_d, g_w, norm_d, norm_w) -> np.ndarray:
-    """ρ_d = g_d‖Δ_d‖ / (g_d‖Δ_d‖ + g_w‖Δ_w‖) (float64 arithmetic, float32 result); NaN where the denominator is 0."""
+    """ρ_d = g_d‖Δ_d‖ / (g_d‖Δ_d‖ + g_w‖Δ_w‖), computed in float64, returned as float32; NaN where the
+    denominator is 0."""
     num = np.asarray(g_d, np.float64) * np.asarray(norm_d, np.float64)
     den = num + np.asarray(g_w, np.float64) * np.asarray(norm_w, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -111,7 +111,7 @@ def encode_with_offsets(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray, b
     """Token ids, (n, 2) character offsets from `tokenizer.encode(text)`, and whether they reproduce the text.
 
     The check: the spans cover the text in order with no gap, and every token whose span is its own
-    decodes (on its own) to exactly the text of its span.
+    decodes (on its own) to exactly the text of its span (unless it holds only part of a character).
     """
     enc = tokenizer.encode(text)
     ids = np.asarray(enc.ids, dtype=np.int64)
@@ -124,7 +124,8 @@ def encode_with_offsets(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray, b
         shared[:-1] |= same
         for i in np.flatnonzero(~shared):
             s, e = offs[i]
-            if tokenizer.decode([int(ids[i])], skip_special_tokens=False) != text[s:e]:
+            piece = tokenizer.decode([int(ids[i])], skip_special_tokens=False)
+            if piece != text[s:e] and "\ufffd" not in piece:  # U+FFFD: part of a split character
                 ok = False
                 break
     return ids, offs, ok

@@ -88,6 +88,13 @@ def _figure(w=7.0, h=4.0):
     return Figure(figsize=(w, h), dpi=110, layout="constrained")
 
 
+def _layer_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+
+
 def plot_tag_layer(path: Path, table: dict, title: str) -> Path | None:
     rows = table["rows"]
     if not rows:
@@ -131,7 +138,7 @@ def plot_layers(path: Path, per_dataset: dict[str, list[dict]]) -> Path | None:
                     ax.plot(x, [r[k] for r in rows], styles[si % 4], marker="o", ms=3,
                             label=f"{LABELS[k]}" + (f" [{name}]" if len(per_dataset) > 1 else ""))
         ax.set_title(title)
-        ax.set_xlabel("layer")
+        _layer_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.savefig(path)
@@ -160,7 +167,7 @@ def plot_collapse(path: Path, rows: list[dict], title: str) -> Path | None:
     a3.set_title("polarisation and path dominance")
     a3.set_ylim(-0.02, 1.02)
     for ax in (a1, a2, a3):
-        ax.set_xlabel("layer")
+        _layer_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
@@ -184,7 +191,7 @@ def plot_anchor(path: Path, rows: list[dict], name_a: str, name_b: str, anchor: 
     a2.axhline(0, color="k", lw=0.8)
     a2.set_title(f"ρ_d[{name_a}] − ρ_d[{name_b}]")
     for ax in (a1, a2):
-        ax.set_xlabel("layer")
+        _layer_axis(ax)
         ax.grid(alpha=0.3)
     where = f"after '{anchor}'" if anchor else "all tokens"
     fig.suptitle(f"Task comparison ({where}); bars: ±1 s.e.")
@@ -246,8 +253,8 @@ document.getElementById('text').addEventListener('mouseover', e => {
   const s = e.target.closest('.t'); if (!s) return;
   const i = +s.dataset.i, l = +layerSel.value || 0;
   const lines = ['token #' + i + '  id ' + D.ids[i] + '  tag ' + D.tags[i], 'text  ' + JSON.stringify(D.tokens[i]), 'layer ' + l];
-  for (const m of D.metrics) if (m !== 'loss') lines.push(D.labels[m].padEnd(16) + fmt(value(m, l, i)));
-  lines.push(D.labels.loss.padEnd(16) + fmt(D.loss[i]));
+  for (const m of D.metrics) if (m !== 'loss') lines.push(D.labels[m].padEnd(18) + fmt(value(m, l, i)));
+  lines.push(D.labels.loss.padEnd(18) + fmt(D.loss[i]));
   tip.textContent = lines.join('\n'); tip.style.display = 'block';
 });
 document.getElementById('text').addEventListener('mousemove', e => {
@@ -348,7 +355,8 @@ def render_html(*, title: str, text: str, cap: dict, tags, start, end, summary_l
 <h1>{html.escape(title)}</h1>
 {"".join(f"<div>{html.escape(s)}</div>" for s in summary_lines)}
 <h2>Tokens</h2>
-<div id="controls">Layer<select id="layer"></select>Colour by<select id="metric"></select><span id="legend"></span></div>
+<div id="controls">Layer<select id="layer"></select>Colour by<select id="metric"></select>
+<span id="legend"></span></div>
 {more}
 <div id="text">{token_spans(text, start, end, n)}</div>
 <div id="tip"></div>

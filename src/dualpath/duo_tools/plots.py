@@ -19,13 +19,12 @@ def _figure(w: float, h: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(w, h), dpi=110)
+    fig = Figure(figsize=(w, h), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
 def _save(fig, path: Path) -> str:
-    fig.tight_layout()
     fig.savefig(path)
     return str(path)
 
@@ -49,31 +48,33 @@ def layer_usage_by_layer(entries: dict, path: Path, choice: str = "big") -> str:
 
 
 def layer_usage_by_position(entries: dict, path: Path, choice: str = "big", max_bins: int = 64) -> str:
-    """Heatmaps (layer x token position) of P(choice) under the per-token oracle, one per budget."""
+    """Heatmaps (layer x token position) of P(choice) under the per-token oracle minus its mean over the
+    whole map (k/L for big), one per budget: where, along the sequence, the oracle puts its extra compute."""
     ks = list(entries)
     cols = min(3, len(ks))
     rows = (len(ks) + cols - 1) // cols
-    fig = _figure(4.2 * cols, 2.8 * rows)
+    fig = _figure(4.2 * cols, 3.0 * rows)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).reshape(-1)
-    im = None
-    for ax, k in zip(axes, ks):
+    maps = []
+    for k in ks:
         u = np.asarray(entries[k]["usage"][choice]["by_position"], dtype=float)  # (L, T)
         L, T = u.shape
         bins = min(max_bins, T)
         edges = np.linspace(0, T, bins + 1).astype(int)
-        ub = np.stack([np.nanmean(u[:, a:b], axis=1) if b > a else np.full(L, np.nan)
-                       for a, b in zip(edges[:-1], edges[1:])], axis=1)
-        im = ax.imshow(ub, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis",
-                       extent=(0, T, -0.5, L - 0.5))
-        ax.set_title(f"k={k}: P({choice}), per-token oracle", fontsize=9)
+        ub = np.stack([u[:, a:b].mean(axis=1) for a, b in zip(edges[:-1], edges[1:])], axis=1)
+        maps.append((k, ub - u.mean(), u.mean(), T))
+    lim = max([float(np.abs(m).max()) for _, m, _, _ in maps] + [1e-6])
+    im = None
+    for ax, (k, m, mu, T) in zip(axes, maps):
+        im = ax.imshow(m, aspect="auto", origin="lower", vmin=-lim, vmax=lim, cmap="RdBu_r",
+                       extent=(0, T, -0.5, m.shape[0] - 0.5))
+        ax.set_title(f"k={k}: P({choice}) - {mu:.2f}", fontsize=9)
         ax.set_xlabel("token position")
         ax.set_ylabel("layer")
-    for ax in axes[len(ks):]:
+    for ax in axes[len(maps):]:
         ax.axis("off")
     if im is not None:
-        fig.colorbar(im, ax=list(axes[:len(ks)]), shrink=0.8)
-        fig.savefig(path)
-        return str(path)
+        fig.colorbar(im, ax=list(axes[:len(maps)]), shrink=0.8, label=f"P({choice}) minus its mean (per-token oracle)")
     return _save(fig, path)
 
 

@@ -12,7 +12,7 @@
         README.md
 
     AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True[, K=2, gates="deep-only"])
-    AutoTokenizer.from_pretrained(OUT_DIR)
+    AutoTokenizer.from_pretrained(OUT_DIR, trust_remote_code=True)   # (False works too; None asks)
 
 The folder is written to a temporary sibling and renamed into place; a non-empty OUT_DIR is refused
 unless overwrite=True.
@@ -81,7 +81,8 @@ def _find_eos(tok) -> str:
     for name in EOS_CANDIDATES:
         if tok.token_to_id(name) is not None:
             return name
-    raise CheckpointError(f"the checkpoint's tokenizer has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)})")
+    raise CheckpointError(f"the checkpoint's tokenizer has no end-of-text token "
+                          f"(looked for {', '.join(EOS_CANDIDATES)})")
 
 
 def _fsync_tree(root: Path) -> None:
@@ -127,13 +128,13 @@ def _install(tmp: Path, out: Path) -> None:
 def _readme(cfg, ckpt: Path, eos: str) -> str:
     m = cfg.model
     return (f"# dualpath export ({m.arch})\n\n"
-            f"Exported by `dualpath export` from `{ckpt}`.\n\n"
+            f"Exported by `dualpath export` from checkpoint `{ckpt.name}`.\n\n"
             f"arch={m.arch} d_model={m.d_model} n_layers={m.n_layers} heads={m.n_heads}/{m.n_kv_heads} "
             f"K={m.K} seq_len={m.seq_len} vocab={m.vocab_size}\n\n"
             "```python\n"
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)  # K=..., gates=...\n"
-            "tok = AutoTokenizer.from_pretrained(DIR)\n"
+            "tok = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)\n"
             "```\n\n"
             f"`{eos}` is the BOS, EOS and padding token. Inference settings: `K` (deep-path loop steps, "
             f"1..{m.max_loops}), `gates` (deep-only | wide-only | both=C | shuffled, dual only), `gate_seed`.\n")
@@ -153,12 +154,15 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwri
     from tokenizers import Tokenizer
     from transformers import GenerationConfig, PreTrainedTokenizerFast
 
+    from .. import __version__
     from ..checkpoint import load_model, weights_for_saving
     from .configuration_dualpath import DualPathConfig
 
     out = Path(out_dir).expanduser().absolute()
     _check_out_dir(out, overwrite)
     model, cfg, ckpt = load_model(checkpoint)
+    if out == ckpt.absolute() or out in ckpt.absolute().parents:
+        raise CheckpointError(f"{out} holds the checkpoint being exported; choose another output folder")
     tok_path = ckpt / "tokenizer.json"
     if not tok_path.is_file():
         raise CheckpointError(f"checkpoint {ckpt} has no tokenizer.json; the HF export needs one")
@@ -193,6 +197,7 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwri
         for key in ("_name_or_path", "id2label", "label2id"):
             data.pop(key, None)
         data["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+        data["dualpath_version"] = __version__
         (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
         GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,

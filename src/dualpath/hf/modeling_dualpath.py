@@ -10,14 +10,23 @@ generation) are run row by row with the padding removed, so each row gets the re
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..model import DualPathLM, Gate, HaltingRouter, KVCache, LoopPath, Overrides, WidePath
+from ..model import DualPathLM, KVCache, Overrides
 from .configuration_dualpath import DualPathConfig, check_gates
+
+# Module classes that _init_weights knows; looked up softly, so a renamed class costs only its init rule.
+_NATIVE = sys.modules[DualPathLM.__module__]
+Gate = getattr(_NATIVE, "Gate", ())
+HaltingRouter = getattr(_NATIVE, "HaltingRouter", ())
+LoopPath = getattr(_NATIVE, "LoopPath", ())
+WidePath = getattr(_NATIVE, "WidePath", ())
 
 
 class DualPathCache:
@@ -38,9 +47,6 @@ class DualPathCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
-    def __len__(self) -> int:
-        return self.seen
-
     def split_rows(self, batch_size: int) -> list[KVCache]:
         """Switch to one cache per row (every column so far was a real token of every row)."""
         if self.rows is None:
@@ -48,7 +54,8 @@ class DualPathCache:
             for r in range(batch_size):
                 c = KVCache(self.max_len)
                 c.pos = self.shared.pos
-                c.buffers = {k: (kb[r:r + 1].clone(), vb[r:r + 1].clone()) for k, (kb, vb) in self.shared.buffers.items()}
+                c.buffers = {k: (kb[r:r + 1].clone(), vb[r:r + 1].clone())
+                             for k, (kb, vb) in self.shared.buffers.items()}
                 rows.append(c)
             self.rows, self.shared = rows, None
         return self.rows
@@ -89,7 +96,7 @@ class DualPathPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.b_g)
         elif isinstance(module, LoopPath):
             nn.init.constant_(module.step_gain, cfg.branch_scale_init)
-        elif isinstance(module, WidePath) and module.beta is not None:
+        elif isinstance(module, WidePath) and getattr(module, "beta", None) is not None:
             nn.init.constant_(module.beta, cfg.branch_scale_init)
         elif hasattr(module, "reset_routing_parameters"):
             module.reset_routing_parameters()
@@ -164,6 +171,8 @@ class DualPathForCausalLM(DualPathPreTrainedModel, GenerationMixin):
             shift_labels = labels[:, 1:].to(logits.device)
             loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
                                    ignore_index=-100)
+        if return_dict is False:
+            return tuple(v for v in (loss, logits, cache) if v is not None)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
 
     def _forward_rows(self, input_ids, new_mask, caches, ov):

@@ -1,0 +1,436 @@
+"""Duo-LLM stages 2-3 and the routing search: exact equivalences of the routing, the prefix-shared search
+against brute force, beam search, the router's budget loss, the Dual-Path plug-in, the command-level
+functions end to end, and their user errors.
+
+Tiny models (d_model 32, 4 layers, vocab 128, T = 16), CPU, fp32, one thread, fixed seeds. Every weight is
+re-drawn at a scale where every branch matters (at initialisation a layer is nearly the identity, which
+would let a broken path hide under any tolerance).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dualpath import DualPathLM, ModelConfig, Overrides
+from dualpath.checkpoint import save_checkpoint
+from dualpath.config import RunConfig
+from dualpath.data.shards import write_shard
+from dualpath.duo import BIG, SKIP, SMALL, parse_pattern, pattern_string, realised_flops
+from dualpath.duo_tools import (check_budgets, evaluate_routed, gate_search, oracle, report, run_oracle, run_report,
+                                run_train_router, train_router)
+from dualpath.errors import CheckpointError, ConfigError, DualPathError
+from dualpath.search import (DualSearchModel, DuoSearchModel, PatternEvaluator, SearchSpace, beam_search,
+                             pattern_from_string, search)
+
+VOCAB, T, L = 128, 16, 4
+TIGHT = dict(rtol=0.0, atol=2e-5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def duo_cfg(**kw) -> ModelConfig:
+    base = dict(arch="duo", vocab_size=VOCAB, d_model=32, n_layers=L, n_heads=4, n_kv_heads=2, seq_len=32,
+                d_ffn_big=192, d_ffn_small=48, ffn_multiple=16)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@torch.no_grad()
+def perturb_(model, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        r = torch.randn(p.shape, generator=gen)
+        leaf = name.rsplit(".", 1)[-1]
+        if ".router." in name:
+            continue  # routers stay as initialised (zero): P_big = 0.5
+        if leaf in ("step_gain", "beta"):
+            p.copy_(0.5 * r)
+        elif leaf in ("W_g", "b_g"):
+            p.copy_(r / math.sqrt(p.shape[0]) if leaf == "W_g" else 0.5 * r)
+        elif ".halt." in name:
+            p.copy_(2.0 * r / math.sqrt(p.shape[-1]) if leaf == "weight" else 0.5 * r)
+        elif "norm" in name:
+            p.copy_(1.0 + 0.1 * r)
+        elif p.dim() == 2:
+            p.copy_(r / math.sqrt(p.shape[1]))
+        else:
+            p.copy_(r)
+    return model
+
+
+def duo_model(seed=0, **kw) -> DualPathLM:
+    torch.manual_seed(seed)
+    return perturb_(DualPathLM(duo_cfg(**kw)).eval(), seed + 100)
+
+
+def tokens(B, n=T, seed=0):
+    return torch.randint(0, VOCAB, (B, n), generator=torch.Generator().manual_seed(seed))
+
+
+def batches_of(seed=0, n_seq=6, bs=4, ignore_tail=True):
+    x, y = tokens(n_seq, seed=seed), tokens(n_seq, seed=seed + 1)
+    if ignore_tail:
+        y[0, -3:] = -1  # ignored targets must not count anywhere
+    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, n_seq, bs)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing equivalences
+
+
+def test_all_big_pattern_equals_a_dense_model():
+    duo = duo_model(0)
+    dense = DualPathLM(ModelConfig(arch="wide", vocab_size=VOCAB, d_model=32, n_layers=L, n_heads=4, n_kv_heads=2,
+                                   seq_len=32, d_ffn_wide=192, ffn_multiple=16, wide_gain=False)).eval()
+    sd = {"embed.weight": duo.embed.weight, "norm.weight": duo.norm.weight, "lm_head.weight": duo.lm_head.weight}
+    for i, layer in enumerate(duo.layers):
+        pre = f"layers.{i}.wide.block."
+        for src, dst in (("attn_norm", "attn_norm"), ("attn", "attn"), ("ffn_norm", "ffn_norm"), ("ffn_big", "ffn")):
+            for k, v in getattr(layer, src).state_dict().items():
+                sd[pre + f"{dst}.{k}"] = v
+    dense.load_state_dict(sd, strict=True)
+    x = tokens(3)
+    ref = dense(x).logits
+    mask = torch.zeros(L, 3, T, dtype=torch.long)
+    torch.testing.assert_close(duo(x, overrides=Overrides(duo_choice=mask)).logits, ref, **TIGHT)
+    pat = DualPathLM(duo_cfg(duo_policy="pattern", duo_pattern="B" * L)).eval()
+    pat.load_state_dict(duo.state_dict())
+    torch.testing.assert_close(pat(x).logits, ref, **TIGHT)
+    # and the search adapter's layer-by-layer path gives the same per-token losses
+    y = tokens(3, seed=5)
+    ev = PatternEvaluator(DuoSearchModel(duo), [(x, y)])
+    torch.testing.assert_close(ev.token_losses(("big",) * L), dense(x, y, return_per_token_loss=True).per_token_loss,
+                               **TIGHT)
+
+
+@pytest.mark.parametrize("skip_whole_layer", [False, True])
+def test_gather_scatter_routing_equals_masked_dense_computation(skip_whole_layer):
+    model = duo_model(1, skip_whole_layer=skip_whole_layer)
+    B = 3
+    x = tokens(B, seed=2)
+    choice = torch.randint(0, 3, (L, B, T), generator=torch.Generator().manual_seed(3))
+    choice[0, 0] = BIG  # a row with a single choice, and a layer with all three
+    out = model(x, overrides=Overrides(duo_choice=choice), return_diagnostics=True)
+    with torch.no_grad():
+        h = model.embed(x)
+        rope = (model.rope_cos[:T], model.rope_sin[:T])
+        for i, layer in enumerate(model.layers):
+            a = h + layer.attn(layer.attn_norm(h), rope)
+            z = layer.ffn_norm(a)
+            big, small = a + layer.ffn_big(z), a + layer.ffn_small(z)  # both FFNs on every token
+            skip = h if skip_whole_layer else a
+            c = choice[i].unsqueeze(-1)
+            h = torch.where(c == BIG, big, torch.where(c == SMALL, small, skip))
+        ref = model.lm_head(model.norm(h))
+    torch.testing.assert_close(out.logits, ref, **TIGHT)
+    for i, d in enumerate(out.diagnostics):
+        assert torch.equal(d["duo_choice"], choice[i])
+    # realised FLOPs: attention on every token (or only non-skipped ones), each FFN on its own tokens
+    f = model.layers[0].module_flops(T)
+    n_tok = B * T
+    attn = sum(int((c != SKIP).sum()) if skip_whole_layer else n_tok for c in choice)
+    expect = (attn * f["attn"] + int((choice == BIG).sum()) * f["big"] + int((choice == SMALL).sum()) * f["small"]
+              + n_tok * 2.0 * model.cfg.d_model * VOCAB)
+    assert realised_flops(model, choice, T) == pytest.approx(expect, rel=1e-12)
+
+
+@pytest.mark.parametrize("skip_whole_layer", [False, True])
+def test_search_adapter_siblings_equal_the_layer_forward(skip_whole_layer):
+    model = duo_model(2, skip_whole_layer=skip_whole_layer)
+    sm = DuoSearchModel(model)
+    x = model.embed(tokens(2)).detach()
+    with torch.no_grad():
+        for i in range(L):
+            multi = sm.apply_layer_multi(i, x, ["big", "small", "skip"])
+            for c, m in zip(["big", "small", "skip"], multi):
+                torch.testing.assert_close(m, sm.apply_layer(i, x, c), **TIGHT)
+
+
+# ----------------------------------------------------------------------------------------------
+# Search
+
+
+def brute_force(model, batches, patterns):
+    """Every pattern through the model's own forward with an explicit routing mask."""
+    per_pattern = []
+    with torch.no_grad():
+        for p in patterns:
+            codes = torch.tensor(parse_pattern(p, L))
+            per_pattern.append(torch.cat([
+                model(x, y, overrides=Overrides(duo_choice=codes.view(L, 1, 1).expand(L, *x.shape)),
+                      return_per_token_loss=True).per_token_loss for x, y in batches]))
+    losses = torch.stack(per_pattern)  # (P, N, T)
+    valid = torch.cat([y != -1 for _, y in batches])
+    n = valid.sum()
+    mean = [(lo[valid].double().sum() / n).item() for lo in losses]
+    seq = (losses.double() * valid).sum(-1)  # (P, N)
+    return {"pattern_loss": dict(zip(patterns, mean)),
+            "best": min(mean), "best_pattern": patterns[int(np.argmin(mean))],
+            "per_sequence_oracle": (seq.min(0).values.sum() / n).item(),
+            "per_token_oracle": (losses.min(0).values[valid].double().sum() / n).item()}
+
+
+@pytest.mark.parametrize("with_skip,k", [(False, 2), (True, 1), (True, 3)])
+def test_prefix_shared_search_equals_brute_force_enumeration(with_skip, k):
+    model = duo_model(3)
+    batches = batches_of(4)
+    res = oracle(model, batches, [k], with_skip=with_skip)
+    e = res["budgets"][k]
+    space = SearchSpace(L, ("big", "small", "skip") if with_skip else ("big", "small"), "big", k)
+    patterns = ["".join({"big": "B", "small": "S", "skip": "X"}[c] for c in p) for p in space.enumerate()]
+    assert len(patterns) == space.count() == math.comb(L, k) * (2 if with_skip else 1) ** (L - k)
+    assert len(set(patterns)) == len(patterns) and all(p.count("B") == k for p in patterns)
+    bf = brute_force(model, batches, patterns)
+    assert e["method"] == "enumerate" and e["n_evaluated"] == len(patterns)
+    got = {p["pattern"]: p["loss"] for p in e["patterns"]}
+    assert set(got) == set(bf["pattern_loss"])
+    for p, lo in bf["pattern_loss"].items():
+        assert got[p] == pytest.approx(lo, abs=1e-5)
+    assert e["best_single"]["loss"] == pytest.approx(bf["best"], abs=1e-5)
+    assert e["per_sequence_oracle"]["loss"] == pytest.approx(bf["per_sequence_oracle"], abs=1e-5)
+    assert e["per_token_oracle"]["loss"] == pytest.approx(bf["per_token_oracle"], abs=1e-5)
+    # the oracles order as they must, and the per-token one says it is optimistic
+    assert e["per_token_oracle"]["loss"] <= e["per_sequence_oracle"]["loss"] <= e["best_single"]["loss"] + 1e-12
+    assert e["per_token_oracle"]["optimistic"] and "label" in res["note"]
+    # prefix sharing computed fewer layers than L per pattern
+    assert e["layer_calls"] < L * len(patterns) * len(batches)
+
+
+def test_naive_evaluator_equals_prefix_shared_and_counts_calls():
+    model = duo_model(4)
+    batches = batches_of(5)
+    space = SearchSpace(L, ("big", "small"), "big", 2)
+    pats = list(space.enumerate())
+    sm = DuoSearchModel(model)
+    shared, naive = PatternEvaluator(sm, batches), PatternEvaluator(sm, batches, share_prefix=False)
+    a, b = shared.evaluate(pats), naive.evaluate(pats)
+    assert a == pytest.approx(b, abs=1e-5)
+    ra, rb = shared.result(), naive.result()
+    for key in ("best_loss", "per_sequence_oracle", "per_token_oracle"):
+        assert ra[key] == pytest.approx(rb[key], abs=1e-6)
+    assert naive.layer_calls == L * len(pats) * len(batches)
+    # prefix sharing computes one layer per node of the pattern trie (per batch)
+    n_nodes = sum(len({p[:d] for p in pats}) for d in range(1, L + 1))
+    assert shared.layer_calls == n_nodes * len(batches)
+    # evaluating again is free (cached)
+    calls = shared.layer_calls
+    assert shared.evaluate(pats[:2]) == a[:2] and shared.layer_calls == calls
+
+
+def test_beam_search_wide_enough_equals_enumeration_and_narrow_beam_is_feasible():
+    model = duo_model(5)
+    batches = batches_of(6)
+    sm = DuoSearchModel(model)
+    space = SearchSpace(L, ("big", "small", "skip"), "big", 2)
+    full = search(sm, batches, space)
+    wide = search(sm, batches, space, max_patterns=1, beam=1000)
+    assert full["method"] == "enumerate" and wide["method"] == "beam"
+    assert sorted(wide["pattern_strings"]) == sorted(full["pattern_strings"])
+    assert wide["best_loss"] == pytest.approx(full["best_loss"], abs=1e-6)
+    assert wide["best_pattern_string"] == full["best_pattern_string"]
+    assert wide["per_sequence_oracle"] == pytest.approx(full["per_sequence_oracle"], abs=1e-6)
+    assert wide["per_token_oracle"] == pytest.approx(full["per_token_oracle"], abs=1e-6)
+    narrow = search(sm, batches, space, max_patterns=1, beam=2)
+    assert narrow["n_evaluated"] < full["n_evaluated"]
+    assert all(p.count("B") == 2 for p in narrow["pattern_strings"])  # every scored completion is feasible
+    assert narrow["best_loss"] >= full["best_loss"] - 1e-9
+    # the final beam is made of complete patterns, best first
+    ev = PatternEvaluator(sm, batches)
+    final = beam_search(ev, space, 3)
+    losses = ev.evaluate(final)
+    assert len(final) == 3 and losses == sorted(losses)
+
+
+def test_search_space_completion_and_counts():
+    s = SearchSpace(6, ("big", "small", "skip"), "big", 3)
+    assert s.count() == math.comb(6, 3) * 2 ** 3 == len(list(s.enumerate()))
+    assert s.complete(()) == ("small", "big", "small", "big", "small", "big")
+    assert s.complete(("big", "big")) == ("big", "big", "small", "small", "big", "small")
+    assert s.complete(("big", "big", "big", "skip")) == ("big", "big", "big", "skip", "small", "small")
+    assert not s.can_extend(("big",) * 3, "big") and not s.can_extend(("small",) * 3, "small")
+    u = SearchSpace(3, ("learned", "deep-favoured", "wide-favoured"))
+    assert u.count() == 27 and u.default == "learned" and u.complete(("wide-favoured",))[1:] == ("learned",) * 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3: routers
+
+
+def test_budget_loss_drives_the_router_to_its_target_fraction():
+    model = duo_model(6)
+    data = torch.randint(0, VOCAB, (64, T + 1), generator=torch.Generator().manual_seed(7))
+
+    def batch_fn(step):
+        w = data[(step * 8) % 64:(step * 8) % 64 + 8]
+        return w[:, :-1], w[:, 1:]
+
+    held_out = [(data[:32, :-1], data[:32, 1:])]
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    for target in (0.25, 0.75):
+        torch.manual_seed(0)
+        rm, hist = train_router(model, batch_fn, target, steps=150)
+        ev = evaluate_routed(rm, held_out)
+        assert abs(ev["big_fraction"] - target) < 0.05, (target, ev["big_fraction"])
+        assert hist[0]["tau"] == pytest.approx(1.0) and hist[-1]["tau"] == pytest.approx(0.05)
+        assert all(layer.router_hard and layer.router_temperature == 1.0 for layer in rm.layers)
+        # the base model is frozen: only routers differ from it, and the input model is untouched
+        for k, v in rm.state_dict().items():
+            if ".router." not in k:
+                assert torch.equal(v, base_state[k]), k
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, base_state[k]), k
+        # the routed FLOPs sit between all-small and all-big
+        lo = realised_flops(model, torch.full((L, 1, 1), SMALL), T)
+        hi = realised_flops(model, torch.full((L, 1, 1), BIG), T)
+        assert lo < ev["flops_per_token"] < hi
+
+
+# ----------------------------------------------------------------------------------------------
+# The Dual-Path plug-in
+
+
+def dual_model(seed=0, n_layers=3):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(arch="dual", vocab_size=VOCAB, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=4,
+                      seq_len=32, d_ffn_deep=96, d_ffn_wide=192, ffn_multiple=16, K=2, max_loops=4)
+    return perturb_(DualPathLM(cfg).eval(), seed + 100)
+
+
+def test_dual_path_plugs_into_the_search():
+    model = dual_model(8)
+    x = tokens(2, seed=9)
+    learned = model(x, return_diagnostics=True).diagnostics
+    lc = [None, "deep-favoured", "wide-favoured"]
+    forced = model(x, overrides=Overrides(layer_choice=lc), return_diagnostics=True).diagnostics
+    total = learned[1]["gate_deep"] + learned[1]["gate_wide"]
+    torch.testing.assert_close(forced[1]["gate_deep"], total, **TIGHT)  # the whole gate sum moves to deep
+    assert torch.count_nonzero(forced[1]["gate_wide"]) == 0
+    assert torch.count_nonzero(forced[2]["gate_deep"]) == 0
+    torch.testing.assert_close(forced[0]["gate_deep"], learned[0]["gate_deep"], **TIGHT)  # layer 0 as learned
+    sm = DualSearchModel(model)
+    h = model.embed(x).detach()
+    with torch.no_grad():
+        for i in range(3):
+            for c, out in zip(sm.choices, sm.apply_layer_multi(i, h, list(sm.choices))):
+                torch.testing.assert_close(out, sm.apply_layer(i, h, c), **TIGHT)
+    batches = batches_of(10, n_seq=4)
+    res = gate_search(model, batches)
+    assert res["method"] == "enumerate" and res["n_evaluated"] == 27
+    lo = model(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])).loss.item()
+    assert res["learned_loss"] == pytest.approx(lo, abs=1e-5)  # the all-learned pattern is the model itself
+    assert res["per_token_oracle"] <= res["per_sequence_oracle"] <= res["best_single_loss"] <= res["learned_loss"] + 1e-9
+    beam = gate_search(model, batches, max_patterns=1, beam=2)
+    assert beam["method"] == "beam" and beam["n_evaluated"] < 27 and beam["best_single_loss"] >= res["best_single_loss"] - 1e-9
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands end to end, and their errors
+
+
+@pytest.fixture(scope="module")
+def duo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("duo")
+    data = root / "data"
+    data.mkdir()
+    gen = np.random.default_rng(0)
+    write_shard(data / "train_000.bin", gen.integers(0, VOCAB, 4000), VOCAB)
+    write_shard(data / "val_000.bin", gen.integers(0, VOCAB, 600), VOCAB)
+    (data / "meta.json").write_text(json.dumps({"vocab_size": VOCAB}))
+    model = duo_model(11)
+    ckpt = save_checkpoint(root / "base", 1, model.state_dict(), RunConfig(model=model.cfg))
+    return root, data, ckpt
+
+
+def test_oracle_router_and_report_commands_write_their_outputs(duo_run):
+    root, data, ckpt = duo_run
+    res = run_oracle(ckpt, data, [1, 2], root / "oracle", max_sequences=6, batch_size=4, seq_len=T)
+    assert set(res["budgets"]) == {"1", "2"}
+    for name in ("oracle.json", "oracle.md", "oracle_patterns.csv", "oracle_sequences.csv", "layer_usage_by_layer.png",
+                 "layer_usage_by_position.png"):
+        assert (root / "oracle" / name).is_file(), name
+    assert "optimistic" in (root / "oracle" / "oracle.md").read_text()
+    rows = (root / "oracle" / "oracle_patterns.csv").read_text().splitlines()
+    assert len(rows) == 1 + math.comb(L, 1) + math.comb(L, 2)
+    r = run_train_router(ckpt, data, 0.5, root / "router", steps=20, batch_size=4, seq_len=T, eval_sequences=6)
+    assert 0.0 <= r["achieved_big_fraction"] <= 1.0 and r["target"] == 0.5
+    rep = run_report(ckpt, data, [1, 2], root / "report", random_trials=3, routers=[r["checkpoint"]],
+                     max_sequences=6, batch_size=4, seq_len=T)
+    methods = {(row["method"], row["budget"]) for row in rep["rows"]}
+    for m in ("random routing", "best of N random patterns", "best single pattern", "per-sequence oracle",
+              "per-token oracle"):
+        assert (m, 1) in methods and (m, 2) in methods
+    assert ("all-big", L) in methods and ("all-small", 0) in methods
+    routed = [row for row in rep["rows"] if row["method"] == "trained router"]
+    assert any(row["budget"] == 2 and row["loss"] is not None for row in routed)  # target 0.5 -> k = 2
+    assert any(row["budget"] == 1 and row["loss"] is None for row in routed)  # marked missing
+    by = {(row["method"], row["budget"]): row for row in rep["rows"]}
+    for k in (1, 2):
+        assert by[("per-token oracle", k)]["loss"] <= by[("per-sequence oracle", k)]["loss"] \
+            <= by[("best single pattern", k)]["loss"] <= by[("best of N random patterns", k)]["loss"] + 1e-9
+        assert by[("best single pattern", k)]["flops_per_token"] == pytest.approx(
+            by[("best of N random patterns", k)]["flops_per_token"])
+    assert by[("all-small", 0)]["flops_per_token"] < by[("best single pattern", 1)]["flops_per_token"] \
+        < by[("best single pattern", 2)]["flops_per_token"] < by[("all-big", L)]["flops_per_token"]
+    d = rep["difficulty"]["2"]
+    assert -1 <= d["pearson_vs_small_loss"] <= 1 and 0 <= d["share_not_helped_top_decile"] <= 1
+    for name in ("summary.md", "report.json", "report.csv", "loss_vs_flops.png", "difficulty_hist.png",
+                 "difficulty_vs_loss.png"):
+        assert (root / "report" / name).is_file(), name
+    assert "optimistic" in (root / "report" / "summary.md").read_text()
+
+
+def test_report_difficulty_matches_its_definition():
+    model = duo_model(12)
+    batches = batches_of(13, n_seq=4, ignore_tail=False)
+    res = report(model, batches, [2], random_trials=2)
+    sm = DuoSearchModel(model)
+    ev = PatternEvaluator(sm, batches)
+    small = ev.token_losses(("small",) * L).reshape(-1).numpy()
+    orc = oracle(model, batches, [2])["budgets"][2]["_result"]["tok_best"].reshape(-1).numpy()
+    np.testing.assert_allclose(res["_diff"][2], small - orc, atol=1e-5)
+    assert res["difficulty"][2]["mean"] == pytest.approx(float((small - orc).mean()), abs=1e-5)
+
+
+def test_user_errors(duo_run, tmp_path):
+    root, data, ckpt = duo_run
+    model = duo_model(0)
+    with pytest.raises(ConfigError, match="more than the model's 4 layers"):
+        oracle(model, batches_of(), [5])
+    with pytest.raises(DualPathError, match="more than"):
+        run_oracle(ckpt, data, [1, 9], tmp_path / "o")
+    with pytest.raises(ConfigError):
+        check_budgets([-1], L)
+    with pytest.raises(ConfigError, match="unknown choice letter"):
+        parse_pattern("BBQS", L)
+    with pytest.raises(ConfigError, match="unknown choice letter"):
+        pattern_from_string(DuoSearchModel(model), "BBQS")
+    with pytest.raises(ConfigError, match="unknown choice"):
+        PatternEvaluator(DuoSearchModel(model), batches_of()).evaluate([("big", "huge", "small", "small")])
+    assert pattern_string(parse_pattern("bsxb", L)) == "BSXB"
+    dual = dual_model(0)
+    dual_ckpt = save_checkpoint(tmp_path / "dual", 1, dual.state_dict(), RunConfig(model=dual.cfg))
+    for fn in (lambda: run_oracle(dual_ckpt, data, [1], tmp_path / "o"),
+               lambda: run_train_router(dual_ckpt, data, 0.5, tmp_path / "r", steps=1),
+               lambda: run_report(dual_ckpt, data, [1], tmp_path / "rep")):
+        with pytest.raises(CheckpointError, match="model.arch=duo"):
+            fn()
+    with pytest.raises(CheckpointError):
+        oracle(dual, batches_of(), [1])
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        run_train_router(ckpt, data, 1.5, tmp_path / "r", steps=1)
+    with pytest.raises(CheckpointError, match="not a router checkpoint"):
+        run_report(ckpt, data, [1], tmp_path / "rep", routers=[ckpt])
+    with pytest.raises(DualPathError, match="not found"):
+        run_oracle(ckpt, tmp_path / "missing", [1], tmp_path / "o")
