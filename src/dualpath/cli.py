@@ -207,6 +207,20 @@ def cmd_analyze(args) -> int:
     return run(args)
 
 
+def cmd_export(args) -> int:
+    from .hf import export_hf
+
+    out = export_hf(args.checkpoint, args.hf, overwrite=args.overwrite)
+    print(f"exported to {out}  (AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True))")
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    from .lm_eval_model import main as lm_eval_main
+
+    return lm_eval_main(args.rest)
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -310,6 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--aggregate-only", action="store_true", help="only rebuild results.csv/.md and plots")
     s.add_argument("--emit-configs", metavar="DIR", help="write one training config per grid point")
     s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("export", help="export a checkpoint (--hf: a Hugging Face transformers folder)")
+    s.add_argument("checkpoint")
+    s.add_argument("--hf", metavar="OUT_DIR", required=True, help="write a transformers model folder")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("lm-eval", help="lm-evaluation-harness with the native `dualpath` model type registered "
+                       "(arguments pass through to lm_eval)")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_lm_eval)
 
     from .analysis.command import add_arguments as add_analyze_arguments
 

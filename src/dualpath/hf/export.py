@@ -5,7 +5,7 @@
                                      auto_map -> the two code files below
         model.safetensors            weights, keys "model.<native name>" (a tied LM head is stored once)
         generation_config.json       bos/eos/pad = <|endoftext|>, greedy by default
-        tokenizer.json, tokenizer_config.json, special_tokens_map.json   (PreTrainedTokenizerFast)
+        tokenizer.json, tokenizer_config.json   (PreTrainedTokenizerFast)
         configuration_dualpath.py    DualPathConfig
         modeling_dualpath.py         DualPathForCausalLM (PreTrainedModel + GenerationMixin)
         model.py, config.py, errors.py, ...   the dualpath model code they import (relative imports)
