@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from dualpath import DualPathLM, ModelConfig, Overrides  # noqa: E402
-from dualpath.duo import NAMES  # noqa: E402
-from dualpath.search import DuoSearchModel, PatternEvaluator, SearchSpace, search  # noqa: E402
+from dualpath import DualPathLM, ModelConfig, Overrides
+from dualpath.duo import NAMES
+from dualpath.search import DuoSearchModel, PatternEvaluator, SearchSpace, search
 
 
 class _NoSiblings:
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
              "max_abs_diff": 0.0}]
     for name, adapter in (("prefix shared", _NoSiblings(sm)), ("prefix shared + sibling attn", sm)):
         ev = PatternEvaluator(adapter, [batch])
-        losses, t = timed(lambda: ev.evaluate(patterns))
+        losses, t = timed(lambda ev=ev: ev.evaluate(patterns))
         rows.append({"method": name, "seconds": t, "layer_calls": ev.layer_calls,
                      "max_abs_diff": max(abs(a - b) for a, b in zip(losses, ref))})
     for r in rows:

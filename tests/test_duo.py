@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -404,7 +403,7 @@ def test_report_difficulty_matches_its_definition():
 
 
 def test_user_errors(duo_run, tmp_path):
-    root, data, ckpt = duo_run
+    _, data, ckpt = duo_run
     model = duo_model(0)
     with pytest.raises(ConfigError, match="more than the model's 4 layers"):
         oracle(model, batches_of(), [5])

@@ -21,36 +21,10 @@ import yaml
 
 from .config import RunConfig, from_dict, to_dict
 from .errors import CheckpointError, ConfigError
+from .fileio import atomic_write_text, fsync_dir, fsync_file  # noqa: F401 (atomic_write_text re-exported)
 
 CONFIG_VERSION = 1
 WEIGHTS = "model.safetensors"
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def weights_for_saving(state: dict, cfg: RunConfig) -> dict:
@@ -83,12 +57,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, cfg: RunC
         if src is not None and Path(src).is_file():
             shutil.copyfile(src, tmp / name)
     for f in tmp.iterdir():
-        _fsync_file(f)
-    _fsync_dir(tmp)
+        fsync_file(f)
+    fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     atomic_write_text(root / "latest", final.name + "\n")
     _prune(root, keep_last)
     return final

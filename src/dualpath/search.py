@@ -3,7 +3,7 @@
 The engine knows nothing about Duo-LLM or Dual-Path. It needs an object with
 
     n_layers: int
-    choices: list[str]                      every choice a layer can take, e.g. ["big", "small", "skip"]
+    choices: Sequence[str]                  every choice a layer can take, e.g. ("big", "small", "skip")
     default_choice: str                     the filler used to complete partial patterns (beam search)
     letters: dict[str, str]                 one letter per choice, for pattern strings ("BBSS")
     embed(idx) -> state                     the state before layer 0
@@ -37,7 +37,8 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -91,9 +92,9 @@ class _LMHeadMixin:
 class DuoSearchModel(_LMHeadMixin):
     """A Duo-LLM model (arch duo): every layer is big, small or skip for the whole batch."""
 
-    choices = ["big", "small", "skip"]
+    choices: ClassVar[tuple] = ("big", "small", "skip")
     default_choice = "small"
-    letters = {"big": "B", "small": "S", "skip": "X"}
+    letters: ClassVar[dict] = {"big": "B", "small": "S", "skip": "X"}
 
     def __init__(self, model):
         if model.cfg.arch != "duo":
@@ -137,9 +138,9 @@ class DualSearchModel(_LMHeadMixin):
     deep path, "wide-favoured" on the wide path; "learned" leaves the gates as trained.
     """
 
-    choices = ["learned", "deep-favoured", "wide-favoured"]
+    choices: ClassVar[tuple] = ("learned", "deep-favoured", "wide-favoured")
     default_choice = "learned"
-    letters = {"learned": "L", "deep-favoured": "D", "wide-favoured": "W"}
+    letters: ClassVar[dict] = {"learned": "L", "deep-favoured": "D", "wide-favoured": "W"}
 
     def __init__(self, model):
         if model.cfg.arch != "dual":

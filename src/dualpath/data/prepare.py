@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import DataError
+from ..fileio import check_out_dir, install_dir
 from .shards import (FORMAT_VERSION, HEADER_BYTES, ShardWriter, atomic_write_bytes, default_mode, token_byte_lengths,
                      token_dtype)
 from .sources import Source, SyntheticSource, iter_specs, mixed_documents
@@ -141,36 +142,6 @@ def _labelled(sources: list[Source], seed: int, val_fraction: float, until: str)
 # ---------------------------------------------------------------------------------------------------------
 # Output folder handling
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(f"output path {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"output folder {out} exists and is not empty (use overwrite=True / --overwrite)")
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Rename the finished temp folder into place (replacing an old output folder only at the very end)."""
-    if out.is_dir():
-        if any(out.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            out.rmdir()
-            os.replace(tmp, out)
-    else:
-        os.replace(tmp, out)
-    try:
-        fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def _progress(enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -243,7 +214,7 @@ def prepare(sources: list[str], out_dir: str | os.PathLike, *, vocab_size: int =
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if tokenizer is None and vocab_size < 257:
         raise DataError(f"vocab_size must be >= 257 for a byte-level BPE (256 bytes + EOS), got {vocab_size}")
-    _check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, DataError)
     srcs = iter_specs(sources, field=field, template=template, split=split, doc_split=doc_split, synthetic=synthetic)
     if max_tokens is None and not any(s.finite for s in srcs):
         raise DataError("every source is unlimited (synthetic): set max_tokens")
@@ -267,8 +238,8 @@ def prepare(sources: list[str], out_dir: str | os.PathLike, *, vocab_size: int =
                              max_tokens=max_tokens, shard_tokens=shard_tokens, mix_until=mix_until,
                              synthetic_eval_per_category=synthetic_eval_per_category,
                              tokenizer_train_bytes=tokenizer_train_bytes, seed=seed, progress=progress)
-        _check_out_dir(out, overwrite)  # someone may have written there meanwhile
-        _install(tmp, out)
+        check_out_dir(out, overwrite, DataError)  # someone may have written there meanwhile
+        install_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for d in created:  # parents we made, innermost first

@@ -19,13 +19,13 @@ from __future__ import annotations
 import os
 import re
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import DataError
+from ..fileio import atomic_write_bytes, default_mode, fsync_dir  # noqa: F401 (re-exported)
 
 MAGIC = b"DPTOKENS"
 FORMAT_VERSION = 1
@@ -44,47 +44,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     if vocab_size <= 2**32:
         return _DTYPES[4]
     raise DataError(f"vocab size {vocab_size} does not fit in uint32 token ids")
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported everywhere (e.g. Windows); the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def default_mode(directory: bool = False) -> int:
-    """Permissions a plain open()/mkdir() would give under the current umask (mkstemp/mkdtemp use 0600/0700)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, chunks: Any) -> None:
-    """Write an iterable of bytes-like chunks to `path` via a temp name in the same folder, fsync, rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, default_mode())
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
 
 
 def _check_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:

@@ -58,7 +58,7 @@ def layer_usage_by_position(entries: dict, path: Path, choice: str = "big", max_
     maps = []
     for k in ks:
         u = np.asarray(entries[k]["usage"][choice]["by_position"], dtype=float)  # (L, T)
-        L, T = u.shape
+        T = u.shape[1]
         bins = min(max_bins, T)
         edges = np.linspace(0, T, bins + 1).astype(int)
         ub = np.stack([u[:, a:b].mean(axis=1) for a, b in zip(edges[:-1], edges[1:])], axis=1)
@@ -85,10 +85,12 @@ def loss_vs_flops(rows: list[dict], path: Path) -> str:
     for r in rows:
         if r.get("loss") is not None and r.get("flops_per_token") is not None:
             by_method.setdefault(r["method"], []).append((r["flops_per_token"], r["loss"]))
-    for m, pts in by_method.items():
+    markers = "osD^vP*X"
+    for j, (m, pts) in enumerate(by_method.items()):
         pts.sort()
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="o", linestyle="-" if len(pts) > 1 else "none", label=m)
+        ax.plot(xs, ys, marker=markers[j % len(markers)], markersize=5, linestyle="-" if len(pts) > 1 else "none",
+                label=m, alpha=0.85)
     ax.set_xlabel("realised forward FLOPs per token")
     ax.set_ylabel("loss (nats per token)")
     ax.set_title("loss at matched big-layer budgets")

@@ -146,7 +146,7 @@ def report(model, batches, budgets, *, random_trials: int = 100, routers=(), wit
         rows.append({"method": method, "budget": k, "big_fraction": frac, "loss": loss, "ppl": _ppl(loss),
                      "flops_per_token": flops, **extra})
 
-    const = lambda code: (lambda B, T_: torch.full((L, B, T_), code, dtype=torch.long))  # noqa: E731
+    const = lambda code: (lambda B, T_: torch.full((L, B, T_), code, dtype=torch.long))
     big_tok, big_flops = _routed_losses(model, batches, const(BIG))
     small_tok, small_flops = _routed_losses(model, batches, const(SMALL))
     if log:
@@ -165,7 +165,7 @@ def report(model, batches, budgets, *, random_trials: int = 100, routers=(), wit
     for k in ks:
         # random routing: Bernoulli(k/L) per layer and token
         gen = torch.Generator().manual_seed(seed * 1000 + k)
-        rand_fn = lambda B, T_: torch.where(torch.rand((L, B, T_), generator=gen) < k / L, BIG, SMALL)  # noqa: E731
+        rand_fn = lambda B, T_, gen=gen, p=k / L: torch.where(torch.rand((L, B, T_), generator=gen) < p, BIG, SMALL)
         rnd_tok, rnd_flops = _routed_losses(model, batches, rand_fn)
         # best of N random patterns first, so the oracle search includes them
         ev = PatternEvaluator(sm, batches)
@@ -221,7 +221,7 @@ def report(model, batches, budgets, *, random_trials: int = 100, routers=(), wit
 
 
 def report_markdown(res: dict, title: str = "Duo-LLM routing report") -> str:
-    f = lambda v, fmt: ("–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt))  # noqa: E731
+    f = lambda v, fmt: ("–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt))
     lines = [f"# {title}", ""]
     if res.get("checkpoint"):
         lines += [f"Checkpoint `{res['checkpoint']}`, data `{res.get('data')}`.", ""]

@@ -27,6 +27,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import CheckpointError, DualPathError
+from ..fileio import check_out_dir, fsync_tree, install_dir
 
 HF_FILES = ("configuration_dualpath.py", "modeling_dualpath.py")
 ROOT_MODULE = "model"  # the dualpath module the exported code needs; its relative imports follow
@@ -85,46 +86,6 @@ def _find_eos(tok) -> str:
                           f"(looked for {', '.join(EOS_CANDIDATES)})")
 
 
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb+") as f:
-                os.fsync(f.fileno())
-    try:
-        fd = os.open(root, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out} is not empty; choose another folder or overwrite it (--overwrite)")
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an existing out is moved aside first and deleted only after the swap."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _readme(cfg, ckpt: Path, eos: str) -> str:
     m = cfg.model
     return (f"# dualpath export ({m.arch})\n\n"
@@ -159,7 +120,7 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwri
     from .configuration_dualpath import DualPathConfig
 
     out = Path(out_dir).expanduser().absolute()
-    _check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, CheckpointError)
     model, cfg, ckpt = load_model(checkpoint)
     if out == ckpt.absolute() or out in ckpt.absolute().parents:
         raise CheckpointError(f"{out} holds the checkpoint being exported; choose another output folder")
@@ -218,8 +179,8 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwri
         mode = (tmp / "config.json").stat().st_mode & 0o777  # safetensors writes 0600; share like the rest
         for f in tmp.iterdir():
             f.chmod(mode)
-        _fsync_tree(tmp)
-        _install(tmp, out)
+        fsync_tree(tmp)
+        install_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
