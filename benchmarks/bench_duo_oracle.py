@@ -10,7 +10,9 @@ exactly k big layers (the others small) on one batch, three ways:
                        share those j layers' computation (only the trie's nodes are computed)
     + sibling attn     the same walk, and sibling choices at a node share that layer's attention
 
-The per-pattern losses of the three must agree (max |Δ| is reported). Optionally (--beam-skip) the beam search
+The per-pattern losses of the three must agree (max |Δ| is reported). "FLOP ratio" is the naive method's
+forward FLOPs over the method's (the LM head, run once per pattern by every method, included): the speedup
+that pure compute would give. Optionally (--beam-skip) the beam search
 over the with-skip space C(L, k)·2^(L−k) is timed too. Writes JSON and prints a short table.
 """
 
@@ -84,12 +86,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--budget", type=int, default=6)
-    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--d-ffn-big", type=int, default=512)
+    ap.add_argument("--d-ffn-big", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default; 1 is steadier on a shared CPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--beam-skip", action="store_true", help="also time the with-skip beam search")
@@ -109,13 +111,28 @@ def main(argv=None) -> int:
     naive_forward(model, batch, patterns[:2])  # warm-up
 
     ref, t_naive = timed(lambda: naive_forward(model, batch, patterns))
+    n_nodes = sum(len({p[:d] for p in patterns}) for d in range(1, args.layers + 1))  # trie nodes below the root
+    n_inner = sum(len({p[:d] for p in patterns}) for d in range(args.layers))  # nodes with children (root included)
     rows = [{"method": "naive forward", "seconds": t_naive, "layer_calls": len(patterns) * args.layers,
-             "max_abs_diff": 0.0}]
+             "attention_calls": len(patterns) * args.layers, "max_abs_diff": 0.0}]
     for name, adapter in (("prefix shared", _NoSiblings(sm)), ("prefix shared + sibling attn", sm)):
         ev = PatternEvaluator(adapter, [batch])
         losses, t = timed(lambda ev=ev: ev.evaluate(patterns))
         rows.append({"method": name, "seconds": t, "layer_calls": ev.layer_calls,
+                     "attention_calls": n_inner if adapter is sm else n_nodes,
                      "max_abs_diff": max(abs(a - b) for a, b in zip(losses, ref))})
+    # forward FLOPs per token of each method (true convention), from the modules' own accounting
+    f = model.layers[0].module_flops(args.seq_len)
+    ffn = {"big": f["big"], "small": f["small"]}
+    head = 2.0 * args.d_model * args.vocab
+    nodes = {p[:d] for p in patterns for d in range(1, args.layers + 1)}
+    ffn_naive = sum(ffn[c] for p in patterns for c in p)
+    ffn_shared = sum(ffn[q[-1]] for q in nodes)
+    flops = [len(patterns) * args.layers * f["attn"] + ffn_naive,
+             n_nodes * f["attn"] + ffn_shared, n_inner * f["attn"] + ffn_shared]
+    for r, fl in zip(rows, flops):
+        r["flops_per_token"] = fl + len(patterns) * head
+        r["flop_ratio"] = (flops[0] + len(patterns) * head) / r["flops_per_token"]
     for r in rows:
         r["speedup"] = t_naive / r["seconds"]
         r["patterns_per_s"] = len(patterns) / r["seconds"]
@@ -135,10 +152,11 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(res, indent=1))
     print(f"Duo oracle, L={args.layers}, k={args.budget}: {len(patterns)} patterns on {args.batch}x{args.seq_len} "
           f"tokens, d_model={args.d_model}, {res['threads']} threads")
-    print(f"{'method':<30} {'seconds':>8} {'speedup':>8} {'layer calls':>12} {'max |dloss|':>12}")
+    print(f"{'method':<30} {'seconds':>8} {'speedup':>8} {'FLOP ratio':>10} {'FFN calls':>10} {'attn calls':>10} "
+          f"{'max |dloss|':>12}")
     for r in rows:
-        print(f"{r['method']:<30} {r['seconds']:>8.2f} {r['speedup']:>7.2f}x {r['layer_calls']:>12} "
-              f"{r['max_abs_diff']:>12.2e}")
+        print(f"{r['method']:<30} {r['seconds']:>8.2f} {r['speedup']:>7.2f}x {r['flop_ratio']:>9.2f}x "
+              f"{r['layer_calls']:>10} {r['attention_calls']:>10} {r['max_abs_diff']:>12.2e}")
     if args.beam_skip:
         b = res["beam_with_skip"]
         print(f"with skip: beam {b['beam']} evaluated {b['n_evaluated']} of {b['space_size']} patterns in "
