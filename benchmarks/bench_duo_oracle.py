@@ -40,7 +40,8 @@ class _NoSiblings:
 
     def __init__(self, sm):
         self.sm = sm
-        self.n_layers, self.choices, self.default_choice, self.letters = sm.n_layers, sm.choices, sm.default_choice, sm.letters
+        self.n_layers, self.choices = sm.n_layers, sm.choices
+        self.default_choice, self.letters = sm.default_choice, sm.letters
 
     def embed(self, idx):
         return self.sm.embed(idx)
@@ -92,7 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default; 1 is steadier on a shared CPU)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (0: torch default; 1 is steadier on a shared CPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--beam-skip", action="store_true", help="also time the with-skip beam search")
     ap.add_argument("--beam", type=int, default=16)

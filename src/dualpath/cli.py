@@ -221,6 +221,59 @@ def cmd_lm_eval(args) -> int:
     return lm_eval_main(args.rest)
 
 
+def _duo_log(args):
+    return None if args.json else (lambda m: print(m, file=sys.stderr))
+
+
+def _duo_common(args) -> dict:
+    return dict(max_sequences=args.max_sequences, batch_size=args.batch_size, seq_len=args.seq_len,
+                device=args.device, log=_duo_log(args))
+
+
+def cmd_duo_oracle(args) -> int:
+    from .duo_tools import run_oracle
+
+    res = run_oracle(args.checkpoint, args.data, args.budgets, args.out, with_skip=args.with_skip,
+                     max_patterns=args.max_patterns, beam=args.beam, **_duo_common(args))
+    _print_json(res) if args.json else print(Path(args.out, "oracle.md").read_text())
+    return 0
+
+
+def cmd_duo_gates(args) -> int:
+    from .duo_tools import run_gate_search
+
+    res = run_gate_search(args.checkpoint, args.data, args.out, max_patterns=args.max_patterns, beam=args.beam,
+                          **_duo_common(args))
+    _print_json(res) if args.json else print(json.dumps(res, indent=1, default=str)[:4000])
+    return 0
+
+
+def cmd_duo_train_router(args) -> int:
+    from .duo_tools import run_train_router
+
+    common = _duo_common(args)
+    common["eval_sequences"] = common.pop("max_sequences")
+    res = run_train_router(args.checkpoint, args.data, args.budget, args.out, steps=args.steps, lr=args.lr,
+                           budget_weight=args.budget_weight, tau_end=args.tau_end, seed=args.seed, **common)
+    if args.json:
+        _print_json(res)
+    else:
+        print(f"big fraction {res['achieved_big_fraction']:.3f} (target {res['target']:.3f}), loss {res['loss']:.4f}"
+              f" -> {res['checkpoint']}")
+    return 0
+
+
+def cmd_duo_report(args) -> int:
+    from .duo_tools import run_report
+
+    run_report(args.checkpoint, args.data, args.budgets, args.out, random_trials=args.random_trials,
+               routers=args.router or [], router_steps=args.router_steps, with_skip=args.with_skip,
+               max_patterns=args.max_patterns, beam=args.beam, help_threshold=args.help_threshold, seed=args.seed,
+               **_duo_common(args))
+    print(Path(args.out, "summary.md").read_text())
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -315,6 +368,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gates", help="deep-only, wide-only, both=C or shuffled")
     s.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     s.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("duo", help="Duo-LLM: routing oracles, trained routers, comparison report (docs/DUO.md)")
+    dsub = d.add_subparsers(dest="duo_command", required=True, parser_class=_Parser)
+
+    def duo_parser(name, help, func, budgets=True):
+        s = dsub.add_parser(name, help=help)
+        s.add_argument("checkpoint")
+        s.add_argument("--data", required=True, help="prepared folder (val split) or text file")
+        s.add_argument("--out", required=True)
+        s.add_argument("--max-sequences", type=int, default=64)
+        s.add_argument("--batch-size", type=int, default=8)
+        s.add_argument("--seq-len", type=int)
+        s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+        s.add_argument("--json", action="store_true")
+        if budgets:
+            s.add_argument("--budgets", type=_int_list, required=True, help="numbers of big layers, e.g. 1,2,4")
+            s.add_argument("--with-skip", action="store_true", help="non-big layers may also be skipped")
+        s.set_defaults(func=func)
+        return s
+
+    s = duo_parser("oracle", "best routings under a budget of big layers (prefix-shared search)", cmd_duo_oracle)
+    s.add_argument("--max-patterns", type=int, default=4096, help="enumerate up to this many, else beam search")
+    s.add_argument("--beam", type=int, default=16)
+    s = duo_parser("gates", "the same search over a Dual-Path model's per-layer gate choices", cmd_duo_gates,
+                   budgets=False)
+    s.add_argument("--max-patterns", type=int, default=4096)
+    s.add_argument("--beam", type=int, default=16)
+    s = duo_parser("train-router", "train per-layer routers on a frozen model to a big-layer budget",
+                   cmd_duo_train_router, budgets=False)
+    s.add_argument("--budget", type=float, required=True, help="target fraction of big layers, 0..1")
+    s.add_argument("--steps", type=int, default=500)
+    s.add_argument("--lr", type=float, default=3e-3)
+    s.add_argument("--budget-weight", type=float, default=100.0)
+    s.add_argument("--tau-end", type=float, default=0.05)
+    s.add_argument("--seed", type=int, default=0)
+    s = duo_parser("report", "all-big, all-small, random, best-of-N, router and oracles in one table", cmd_duo_report)
+    s.add_argument("--random-trials", type=int, default=100)
+    s.add_argument("--router", action="append", help="router checkpoint (repeatable)")
+    s.add_argument("--router-steps", type=int, default=0, help="train quick routers for budgets without one")
+    s.add_argument("--max-patterns", type=int, default=4096)
+    s.add_argument("--beam", type=int, default=16)
+    s.add_argument("--help-threshold", type=float, default=0.05)
+    s.add_argument("--seed", type=int, default=0)
 
     s = sub.add_parser("sweep", help="iso-FLOP grid: budgets x architectures x K x alpha x seeds")
     s.add_argument("config")

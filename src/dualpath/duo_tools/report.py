@@ -146,7 +146,9 @@ def report(model, batches, budgets, *, random_trials: int = 100, routers=(), wit
         rows.append({"method": method, "budget": k, "big_fraction": frac, "loss": loss, "ppl": _ppl(loss),
                      "flops_per_token": flops, **extra})
 
-    const = lambda code: (lambda B, T_: torch.full((L, B, T_), code, dtype=torch.long))
+    def const(code):
+        return lambda B, T_: torch.full((L, B, T_), code, dtype=torch.long)
+
     big_tok, big_flops = _routed_losses(model, batches, const(BIG))
     small_tok, small_flops = _routed_losses(model, batches, const(SMALL))
     if log:
@@ -165,7 +167,10 @@ def report(model, batches, budgets, *, random_trials: int = 100, routers=(), wit
     for k in ks:
         # random routing: Bernoulli(k/L) per layer and token
         gen = torch.Generator().manual_seed(seed * 1000 + k)
-        rand_fn = lambda B, T_, gen=gen, p=k / L: torch.where(torch.rand((L, B, T_), generator=gen) < p, BIG, SMALL)
+
+        def rand_fn(B, T_, gen=gen, p=k / L):
+            return torch.where(torch.rand((L, B, T_), generator=gen) < p, BIG, SMALL)
+
         rnd_tok, rnd_flops = _routed_losses(model, batches, rand_fn)
         # best of N random patterns first, so the oracle search includes them
         ev = PatternEvaluator(sm, batches)
@@ -214,14 +219,17 @@ def report(model, batches, budgets, *, random_trials: int = 100, routers=(), wit
     full = big_flops
     for r in rows:
         r["flops_vs_all_big"] = r["flops_per_token"] / full if r["flops_per_token"] is not None else None
-    return {"rows": rows, "difficulty": difficulty, "oracle": oracle_res, "n_layers": L, "n_sequences": int(valid.shape[0]),
-            "n_tokens": n_tok, "seq_len": T, "random_trials": random_trials, "help_threshold": help_threshold,
+    return {"rows": rows, "difficulty": difficulty, "oracle": oracle_res, "n_layers": L,
+            "n_sequences": int(valid.shape[0]), "n_tokens": n_tok, "seq_len": T, "random_trials": random_trials,
+            "help_threshold": help_threshold,
             "with_skip": with_skip, "note": OPTIMISTIC_NOTE,
             "_small_tok": small_tok[valid].numpy(), "_big_tok": big_tok[valid].numpy(), "_diff": diff_arrays}
 
 
 def report_markdown(res: dict, title: str = "Duo-LLM routing report") -> str:
-    f = lambda v, fmt: ("–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt))
+    def f(v, fmt):
+        return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
     lines = [f"# {title}", ""]
     if res.get("checkpoint"):
         lines += [f"Checkpoint `{res['checkpoint']}`, data `{res.get('data')}`.", ""]
@@ -247,9 +255,11 @@ def report_markdown(res: dict, title: str = "Duo-LLM routing report") -> str:
               "|---|---|---|---|---|---|---|---|---|---|"]
     for k, d in res["difficulty"].items():
         lines.append(f"| {k} | {d['mean']:.4f} | {d['median']:.4f} | {d['p10']:.4f} | {d['p90']:.4f} | "
-                     f"{d['share_negative']:.1%} | {d['pearson_vs_small_loss']:.3f} / {d['spearman_vs_small_loss']:.3f} | "
+                     f"{d['share_negative']:.1%} | "
+                     f"{d['pearson_vs_small_loss']:.3f} / {d['spearman_vs_small_loss']:.3f} | "
                      f"{d['pearson_vs_big_loss']:.3f} / {d['spearman_vs_big_loss']:.3f} | "
-                     f"{d['share_not_helped_top_decile']:.1%} (of {d['n_top_decile']}) | {d['share_not_helped_all']:.1%} |")
+                     f"{d['share_not_helped_top_decile']:.1%} (of {d['n_top_decile']}) | "
+                     f"{d['share_not_helped_all']:.1%} |")
     files = res.get("files") or {}
     pngs = [(k, v) for k, v in files.items() if str(v).endswith(".png")]
     if pngs:
@@ -268,7 +278,8 @@ def write_report(res: dict, out_dir: str | Path, log=None) -> dict:
     files = write_oracle(res["oracle"], out, log)
     with open(out / "report.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        cols = ["method", "budget", "big_fraction", "loss", "ppl", "flops_per_token", "flops_vs_all_big", "pattern", "note"]
+        cols = ["method", "budget", "big_fraction", "loss", "ppl", "flops_per_token", "flops_vs_all_big", "pattern",
+                "note"]
         w.writerow(cols)
         for r in res["rows"]:
             w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
@@ -280,8 +291,8 @@ def write_report(res: dict, out_dir: str | Path, log=None) -> dict:
                                                              res["help_threshold"])
             ks = list(res["_diff"])
             mid = ks[len(ks) // 2]
-            files["difficulty_vs_loss"] = plots.difficulty_vs_loss(res["_small_tok"], res["_diff"][mid], mid,
-                                                                   out / "difficulty_vs_loss.png", res["help_threshold"])
+            files["difficulty_vs_loss"] = plots.difficulty_vs_loss(
+                res["_small_tok"], res["_diff"][mid], mid, out / "difficulty_vs_loss.png", res["help_threshold"])
     res["files"] = files
     atomic_write_text(out / "summary.md", report_markdown(res))
     files["summary"] = str(out / "summary.md")
