@@ -121,7 +121,8 @@ def cmd_prepare(args) -> int:
     meta = prepare(args.sources, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
                    val_fraction=args.val_fraction, max_tokens=args.max_tokens, shard_tokens=args.shard_tokens,
                    field=args.field, template=decode_escapes(args.template) if args.template else None, split=args.split, doc_split=args.doc_split,
-                   synthetic=synthetic, synthetic_eval_per_category=args.synthetic_eval, seed=args.seed,
+                   mix_until=args.mix_until, synthetic=synthetic,
+                   synthetic_eval_per_category=args.synthetic_eval, seed=args.seed,
                    overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
           f"vocab {meta['vocab_size']}")
@@ -336,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--template", help='JSONL/dataset template, e.g. "{question}\\n{answer}"')
     s.add_argument("--split", default="train", help="split of datasets:/hf: sources")
     s.add_argument("--doc-split", choices=["chunk", "blank", "heading", "line", "file"])
+    s.add_argument("--mix-until", choices=["first", "all"], default="first",
+                   help="stop when the first finite source runs out (weights hold), or use every source fully")
     s.add_argument("--synthetic", action="append", default=[], metavar="KEY=VALUE",
                    help="a synthetic corpus knob, e.g. --synthetic n_entities=500 (see docs/SYNTHETIC.md)")
     s.add_argument("--synthetic-eval", type=int, default=200, help="held-out synthetic examples per category")

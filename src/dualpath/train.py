@@ -270,15 +270,19 @@ def evaluate_split(model: nn.Module, batches: Batches, n_batches: int, batch_siz
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     tok_sum = torch.zeros((), dtype=torch.float64, device=device)
     byte_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n_windows = max(1, batches.val_sampler.n_windows)
-    for i in range(d.rank, n_batches, d.world):
-        start = i * batch_size
-        count = min(batch_size, n_windows - start) if start < n_windows else 0
-        if count <= 0:
-            break
+    n_windows = batches.val_sampler.n_windows
+    n_batches = max(1, min(n_batches, math.ceil(n_windows / batch_size)))
+    # Every rank runs the same number of forwards (FSDP2 gathers weights collectively); spare ones count 0.
+    for j in range(math.ceil(n_batches / d.world)):
+        i = j * d.world + d.rank
+        real = i < n_batches
+        start = i * batch_size if real else 0
+        count = min(batch_size, n_windows - start)
         x, y = batches.get("val", start, count, device)
         with autocast:
             out = model(x, y, return_per_token_loss=True)
+        if not real:
+            continue
         loss_sum += out.per_token_loss.double().sum()
         tok_sum += y.numel()
         if batches.byte_lengths is not None:
@@ -481,7 +485,8 @@ def train(cfg: RunConfig) -> dict:
             elif progress is not None:
                 progress.update(progress.task_ids[0], completed=step)
             if (t.eval_every and step % t.eval_every == 0) or step == total_steps:
-                ev = evaluate_split(model, batches, t.eval_batches, B, device, d, autocast)
+                # DDP's forward would broadcast buffers; FSDP2 needs the sharded module itself
+                ev = evaluate_split(model if t.fsdp else unwrap(model), batches, t.eval_batches, B, device, d, autocast)
                 logger.log({"step": step, **ev})
                 last_metrics = {**last_metrics, **ev}
             if (t.save_every and step % t.save_every == 0) or step == total_steps:
