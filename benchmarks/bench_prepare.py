@@ -27,13 +27,13 @@ def main(argv=None) -> dict:
     tmp = Path(tempfile.mkdtemp())
     try:
         t = time.perf_counter()
-        prepare([str(s) for s in sources], tmp / "a", vocab_size=8192, val_fraction=0.02, progress=False)
+        prepare([str(s) for s in sources], tmp / "a", vocab_size=8192, val_fraction=0.02, mix_until="all", progress=False)
         with_training = time.perf_counter() - t
         rows.append({"what": "train BPE 8192 + tokenize", "MB": mb, "seconds": with_training,
                      "MB_per_s": mb / with_training})
         t = time.perf_counter()
         prepare([str(s) for s in sources], tmp / "b", tokenizer=str(tmp / "a" / "tokenizer.json"),
-                val_fraction=0.02, progress=False)
+                val_fraction=0.02, mix_until="all", progress=False)
         tokenize_only = time.perf_counter() - t
         rows.append({"what": "tokenize (existing tokenizer)", "MB": mb, "seconds": tokenize_only,
                      "MB_per_s": mb / tokenize_only})

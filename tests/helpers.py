@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -31,17 +32,34 @@ def tiny_config(arch: str, vocab_size: int = 320, **kw) -> ModelConfig:
     return ModelConfig(**base).validate()
 
 
-def perturbed_model(cfg: ModelConfig, seed: int = 0, scale: float = 0.5) -> DualPathLM:
-    """A model whose gates, gains and routers are away from their initial values."""
-    torch.manual_seed(seed)
-    model = DualPathLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "step_gain" in name or name.endswith("beta"):
-                p.copy_(torch.randn_like(p) * 0.5)
-            elif "W_g" in name or "b_g" in name or "router" in name:
-                p.add_(torch.randn_like(p) * scale)
-    return model.eval()
+@torch.no_grad()
+def perturb_(model: DualPathLM, seed: int, gates: bool = True, routers: bool = True) -> DualPathLM:
+    """Replace every parameter by a random value of a scale at which every branch, gate and halting router
+    matters (at initialisation the branch gains are softplus(-7) and would hide a broken branch)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        r = torch.randn(p.shape, generator=gen)
+        leaf = name.rsplit(".", 1)[-1]
+        if ".router." in name and not routers:
+            continue  # Duo routers stay as initialised (zero): P_big = 0.5
+        if leaf in ("step_gain", "beta"):
+            p.copy_(0.5 * r)  # gains softplus(.) ~ 0.4 .. 1.1
+        elif leaf in ("W_g", "b_g"):
+            if gates:
+                p.copy_(r / math.sqrt(p.shape[0]) if leaf == "W_g" else 0.5 * r)
+        elif ".halt." in name:
+            p.copy_(2.0 * r / math.sqrt(p.shape[-1]) if leaf == "weight" else 0.5 * r)
+        elif "norm" in name:
+            p.copy_(1.0 + 0.1 * r)
+        elif p.dim() == 2:
+            p.copy_(r / math.sqrt(p.shape[1]))
+        else:
+            p.copy_(r)
+    return model
+
+
+def perturbed_model(cfg: ModelConfig, seed: int = 0) -> DualPathLM:
+    return perturb_(DualPathLM(cfg), seed + 1000).eval()
 
 
 def save_tiny_checkpoint(run_dir: Path, model: DualPathLM, tokenizer_json: Path | None) -> Path:

@@ -27,6 +27,8 @@ from dualpath.errors import CheckpointError, ConfigError, DualPathError
 from dualpath.search import (DualSearchModel, DuoSearchModel, PatternEvaluator, SearchSpace, beam_search,
                              pattern_from_string, search)
 
+from helpers import perturb_
+
 VOCAB, T, L = 128, 16, 4
 TIGHT = dict(rtol=0.0, atol=2e-5)
 
@@ -46,32 +48,9 @@ def duo_cfg(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-@torch.no_grad()
-def perturb_(model, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        r = torch.randn(p.shape, generator=gen)
-        leaf = name.rsplit(".", 1)[-1]
-        if ".router." in name:
-            continue  # routers stay as initialised (zero): P_big = 0.5
-        if leaf in ("step_gain", "beta"):
-            p.copy_(0.5 * r)
-        elif leaf in ("W_g", "b_g"):
-            p.copy_(r / math.sqrt(p.shape[0]) if leaf == "W_g" else 0.5 * r)
-        elif ".halt." in name:
-            p.copy_(2.0 * r / math.sqrt(p.shape[-1]) if leaf == "weight" else 0.5 * r)
-        elif "norm" in name:
-            p.copy_(1.0 + 0.1 * r)
-        elif p.dim() == 2:
-            p.copy_(r / math.sqrt(p.shape[1]))
-        else:
-            p.copy_(r)
-    return model
-
-
 def duo_model(seed=0, **kw) -> DualPathLM:
     torch.manual_seed(seed)
-    return perturb_(DualPathLM(duo_cfg(**kw)).eval(), seed + 100)
+    return perturb_(DualPathLM(duo_cfg(**kw)).eval(), seed + 100, routers=False)
 
 
 def tokens(B, n=T, seed=0):
@@ -304,7 +283,7 @@ def dual_model(seed=0, n_layers=3):
     torch.manual_seed(seed)
     cfg = ModelConfig(arch="dual", vocab_size=VOCAB, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=4,
                       seq_len=32, d_ffn_deep=96, d_ffn_wide=192, ffn_multiple=16, K=2, max_loops=4)
-    return perturb_(DualPathLM(cfg).eval(), seed + 100)
+    return perturb_(DualPathLM(cfg).eval(), seed + 100, routers=False)
 
 
 def test_dual_path_plugs_into_the_search():

@@ -8,7 +8,6 @@ Everything is offline: the exported folder is loaded from disk with trust_remote
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -30,6 +29,8 @@ from dualpath.errors import CheckpointError, DualPathError  # noqa: E402
 from dualpath.generate import generate_tokens  # noqa: E402
 from dualpath.hf import export_hf, model_code_files  # noqa: E402
 
+from helpers import perturb_  # noqa: E402
+
 SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 VOCAB = 384
 ARCHS = ("wide", "loop", "dual")
@@ -45,28 +46,6 @@ def tiny_cfg(arch: str = "dual", **kw) -> ModelConfig:
                 d_ffn_deep=64, d_ffn_wide=128, ffn_multiple=16, K=2)
     base.update(kw)
     return ModelConfig(**base)
-
-
-@torch.no_grad()
-def perturb_(model: DualPathLM, seed: int) -> DualPathLM:
-    """Random parameters at a scale where every branch, gate and halting router matters."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        r = torch.randn(p.shape, generator=gen)
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("step_gain", "beta"):
-            p.copy_(0.5 * r)
-        elif leaf in ("W_g", "b_g"):
-            p.copy_(r / math.sqrt(p.shape[0]) if leaf == "W_g" else 0.5 * r)
-        elif ".halt." in name:
-            p.copy_(2.0 * r / math.sqrt(p.shape[-1]) if leaf == "weight" else 0.5 * r)
-        elif "norm" in name:
-            p.copy_(1.0 + 0.1 * r)
-        elif p.dim() == 2:
-            p.copy_(r / math.sqrt(p.shape[1]))
-        else:
-            p.copy_(r)
-    return model
 
 
 def train_test_tokenizer(path: Path) -> Path:

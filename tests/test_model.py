@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from dualpath import DualPathLM, KVCache, ModelConfig, Overrides
 
+from helpers import perturb_
+
 ARCHS = ("wide", "loop", "dual")
 VOCAB = 128
 TIGHT = dict(rtol=0.0, atol=1e-6)  # two computations of the same float32 quantity
@@ -27,29 +29,6 @@ def make_cfg(arch: str = "dual", **kw) -> ModelConfig:
                 d_ffn_deep=96, d_ffn_wide=192, ffn_multiple=16, K=3, max_loops=6)
     base.update(kw)
     return ModelConfig(**base)
-
-
-@torch.no_grad()
-def perturb_(model: DualPathLM, seed: int, gates: bool = True) -> DualPathLM:
-    """Replace every parameter by a random value of a scale at which every branch matters."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        r = torch.randn(p.shape, generator=gen)
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("step_gain", "beta"):
-            p.copy_(0.5 * r)  # gains softplus(.) ~ 0.4 .. 1.1
-        elif leaf in ("W_g", "b_g"):
-            if gates:
-                p.copy_(r / math.sqrt(p.shape[0]) if leaf == "W_g" else 0.5 * r)
-        elif ".halt." in name:
-            p.copy_(2.0 * r / math.sqrt(p.shape[-1]) if leaf == "weight" else 0.5 * r)
-        elif "norm" in name:
-            p.copy_(1.0 + 0.1 * r)
-        elif p.dim() == 2:
-            p.copy_(r / math.sqrt(p.shape[1]))
-        else:
-            p.copy_(r)
-    return model
 
 
 def make_model(arch: str = "dual", seed: int = 0, perturb: bool = True, **kw) -> DualPathLM:
