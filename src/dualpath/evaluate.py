@@ -242,7 +242,7 @@ def _variants(force_K: list[int] | None, gates: list[str] | None, trained_K: int
 
 def evaluate_datasets(model, tokenizer, data: list[str], *, force_K: list[int] | None = None,
                       gates: list[str] | None = None, batch_size: int = 8, limit: int | None = None,
-                      exact_match: bool = True, log=None) -> dict:
+                      exact_match: bool = True, qa_exact_match: bool = True, log=None) -> dict:
     """Evaluate every (variant, dataset) pair. Datasets: a prepared folder (val shards, plus the synthetic
     eval examples when present), a .txt file, or a Q/A .jsonl file (e.g. GSM8K). Variants: the model as
     trained, each forced K, and each gate override (the paper's ablations)."""
@@ -293,7 +293,8 @@ def evaluate_datasets(model, tokenizer, data: list[str], *, force_K: list[int] |
                     exs = _per_category_limit(exs, limit)
                 else:
                     exs = read_jsonl_examples(path, limit=limit)
-                per_cat = evaluate_examples(model, tokenizer, exs, batch_size, ov, exact_match)
+                em = exact_match and (kind == "examples" or qa_exact_match)  # GSM8K decoding is long
+                per_cat = evaluate_examples(model, tokenizer, exs, batch_size, ov, em)
                 row[ds] = {**per_cat["all"], "categories": {k: v for k, v in per_cat.items() if k != "all"}}
         results["variants"][name] = row
     return results
