@@ -409,7 +409,7 @@ def train(cfg: RunConfig) -> dict:
     logger = _Logger(out_dir, d.main, t.tensorboard, step if resume_from is not None else None)
     files = {"tokenizer.json": batches.root / "tokenizer.json", "data_meta.json": batches.root / "meta.json"}
     if d.main:
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(
+        ckpt_io.atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(
             {"config_version": ckpt_io.CONFIG_VERSION, **dataclasses.asdict(cfg)}, sort_keys=False))
         logger.log({"step": step, "event": "start", "params": raw.param_counts()["total"],
                     "train_flops_per_token": train_fpt, "tokens_per_step": tokens_per_step,
