@@ -260,17 +260,20 @@ def evaluate_datasets(model, tokenizer, data: list[str], *, force_K: list[int] |
             Overrides(gates=g).gate_constants()
         except ValueError as e:
             raise DataError(str(e)) from None
+    paths = [Path(d) for d in data]
+    stems = [p.name if p.is_dir() else p.stem for p in paths]
     sources = []
-    for d in data:
-        p = Path(d)
+    for p, stem in zip(paths, stems):
+        # wikitext-2/test.txt and gsm8k/test.jsonl must not share a column
+        name = f"{p.resolve().parent.name}/{stem}" if stems.count(stem) > 1 else stem
         if p.is_dir():
-            sources.append((p.name or str(p), "shards", p))
+            sources.append((name, "shards", p))
             if (p / "eval_examples.jsonl").is_file():
-                sources.append((f"{p.name}:examples", "examples", p / "eval_examples.jsonl"))
+                sources.append((f"{name}:examples", "examples", p / "eval_examples.jsonl"))
         elif p.suffix == ".jsonl" and p.is_file():
-            sources.append((p.stem, "qa", p))
+            sources.append((name, "qa", p))
         elif p.is_file():
-            sources.append((p.stem, "text", p))
+            sources.append((name, "text", p))
         else:
             raise DataError(f"evaluation data not found: {p}")
     results: dict = {"datasets": [s[0] for s in sources], "variants": {}}
