@@ -173,3 +173,18 @@ def test_cli_error_exit_code_in_a_real_process(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_datasets_with_the_same_stem_keep_separate_columns(tokenizer_json, tmp_path):
+    from dualpath.evaluate import evaluate_datasets
+
+    tok = load_tokenizer(tokenizer_json.parent)
+    model = perturbed_model(tiny_config("wide"), seed=10)
+    for folder, text in (("a", "First text, some words here. " * 10), ("b", "Another one entirely. " * 12)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "test.txt").write_text(text)
+    res = evaluate_datasets(model, tok, [str(tmp_path / "a" / "test.txt"), str(tmp_path / "b" / "test.txt")])
+    assert res["datasets"] == ["a/test", "b/test"]
+    row = res["variants"]["trained (K=1)"]
+    assert row["a/test"]["bytes"] == len("First text, some words here. " * 10)
+    assert row["b/test"]["bytes"] == len("Another one entirely. " * 12)
