@@ -22,7 +22,7 @@ SPACY=../shared/models/spacy-en_core_web_sm-3.6.0
 $PY/dualpath sweep configs/sweeps/cpu_paper_table.yaml "seeds=$SEEDS" "tokens=$TOKENS" eval_limit=32 out_dir=$OUT
 
 # 3. ablations of the best Dual model of each budget (lowest val BPB): forced K and gate overrides
-for budget in $(ls "$OUT"); do
+for budget in $(cd "$OUT" && ls -d F*/ | tr -d /); do
   best=$($PY/python - "$OUT" "$budget" <<'PY'
 import csv, sys
 rows = [r for r in csv.DictReader(open(f"{sys.argv[1]}/results.csv")) if r["arch"] == "dual"
