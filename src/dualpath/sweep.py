@@ -274,7 +274,7 @@ def aggregate(sweep: SweepConfig, runs: list[Run]) -> list[dict]:
         best = {}
         for m in metrics:
             vals = {a: s[m][0] for a, s in stats.items() if s[m] is not None}
-            if vals:
+            if len(set(vals.values())) > 1:  # no winner among ties
                 best[m] = (max if m.endswith("/acc") else min)(vals, key=vals.get)
         for arm, s in stats.items():
             cells = []
