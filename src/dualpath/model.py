@@ -441,6 +441,27 @@ class DualLayer(nn.Module):
 LAYERS = {"wide": WideLayer, "loop": LoopLayer, "dual": DualLayer}
 
 
+@torch.no_grad()
+def init_module(m: nn.Module, std: float, branch_scale_init: float) -> None:
+    """The initial values of one module's own parameters (the paper's: gates 0.5, gains softplus(-7))."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=std)
+    elif isinstance(m, nn.RMSNorm):
+        nn.init.ones_(m.weight)
+    elif isinstance(m, HaltingRouter):
+        nn.init.normal_(m.weight, std=std)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, Gate) and m.mode != "fixed":
+        nn.init.zeros_(m.W_g)
+        nn.init.zeros_(m.b_g)
+    elif isinstance(m, LoopPath):
+        nn.init.constant_(m.step_gain, branch_scale_init)
+    elif isinstance(m, WidePath) and m.beta is not None:
+        nn.init.constant_(m.beta, branch_scale_init)
+    elif hasattr(m, "reset_routing_parameters"):
+        m.reset_routing_parameters()
+
+
 # ----------------------------------------------------------------------------------------------
 # The language model
 
@@ -491,25 +512,8 @@ class DualPathLM(nn.Module):
         cos, sin = self._rope_tables(self.cfg.seq_len)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        std = self.cfg.init_std
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
-            elif isinstance(m, nn.RMSNorm):
-                nn.init.ones_(m.weight)
-            elif isinstance(m, HaltingRouter):
-                nn.init.normal_(m.weight, std=std)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, Gate) and m.mode != "fixed":
-                nn.init.zeros_(m.W_g)
-                nn.init.zeros_(m.b_g)
-            elif isinstance(m, LoopPath):
-                nn.init.constant_(m.step_gain, self.cfg.branch_scale_init)
-            elif isinstance(m, WidePath) and m.beta is not None:
-                nn.init.constant_(m.beta, self.cfg.branch_scale_init)
-        for m in self.modules():  # after the generic pass, which would overwrite routers
-            if hasattr(m, "reset_routing_parameters"):
-                m.reset_routing_parameters()
+        # post-order (children first), so a layer can override the default init of its own router
+        self.apply(lambda m: init_module(m, self.cfg.init_std, self.cfg.branch_scale_init))
 
     def forward(self, idx, targets=None, *, overrides: Overrides | None = None, return_per_token_loss=False,
                 return_diagnostics=False, cache: KVCache | None = None) -> LMOutput:

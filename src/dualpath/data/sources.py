@@ -19,6 +19,8 @@ line length and documents have a bounded size, so memory stays flat on files lar
 
 from __future__ import annotations
 
+import abc
+
 import glob as _glob
 import gzip
 import io
@@ -119,7 +121,7 @@ def _utf8_len(s: str) -> int:
 
 
 @dataclass
-class Source:
+class Source(abc.ABC):
     """A named, weighted, re-iterable stream of documents (strings without EOS).
 
     `documents()` returns a fresh iterator each call (prepare makes two passes: tokenizer sample, then
@@ -133,8 +135,9 @@ class Source:
     finite: bool = True
     options: dict = dc_field(default_factory=dict)
 
-    def documents(self) -> Iterator[str]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def documents(self) -> Iterator[str]:
+        """The source's documents, streamed."""
 
     def describe(self) -> dict:
         d = {"spec": self.spec, "name": self.name, "kind": self.kind, "weight": self.weight, "finite": self.finite}

@@ -10,24 +10,14 @@ generation) are run row by row with the padding removed, so each row gets the re
 
 from __future__ import annotations
 
-import sys
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..model import DualPathLM, KVCache, Overrides
+from ..model import DualPathLM, KVCache, Overrides, init_module
 from .configuration_dualpath import DualPathConfig, check_gates
-
-# Module classes that _init_weights knows; looked up softly, so a renamed class costs only its init rule.
-_NATIVE = sys.modules[DualPathLM.__module__]
-Gate = getattr(_NATIVE, "Gate", ())
-HaltingRouter = getattr(_NATIVE, "HaltingRouter", ())
-LoopPath = getattr(_NATIVE, "LoopPath", ())
-WidePath = getattr(_NATIVE, "WidePath", ())
-
 
 class DualPathCache:
     """The KV cache of one generation: a KVCache for the whole batch, or one per row once padding appears.
@@ -76,30 +66,14 @@ class DualPathPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         """DualPathLM.reset_parameters, per module; from_pretrained only runs it for what the weights lack
         (the RoPE tables, which are not stored)."""
-        cfg = self.config
-        std = cfg.init_std
         if isinstance(module, DualPathLM):
             # in the weights' dtype, as DualPathLM(...).to(dtype) would have them
             w = module.embed.weight
             cos, sin = module._rope_tables(module.cfg.seq_len)
             module.rope_cos = cos.to(device=w.device, dtype=w.dtype)
             module.rope_sin = sin.to(device=w.device, dtype=w.dtype)
-        elif isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-        elif isinstance(module, nn.RMSNorm):
-            nn.init.ones_(module.weight)
-        elif isinstance(module, HaltingRouter):
-            nn.init.normal_(module.weight, std=std)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, Gate) and module.mode != "fixed":
-            nn.init.zeros_(module.W_g)
-            nn.init.zeros_(module.b_g)
-        elif isinstance(module, LoopPath):
-            nn.init.constant_(module.step_gain, cfg.branch_scale_init)
-        elif isinstance(module, WidePath) and getattr(module, "beta", None) is not None:
-            nn.init.constant_(module.beta, cfg.branch_scale_init)
-        elif hasattr(module, "reset_routing_parameters"):
-            module.reset_routing_parameters()
+        else:
+            init_module(module, self.config.init_std, self.config.branch_scale_init)
 
 
 class DualPathForCausalLM(DualPathPreTrainedModel, GenerationMixin):
