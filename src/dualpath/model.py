@@ -198,6 +198,11 @@ class SwiGLU(nn.Module):
         return self.flops(self.d_model, self.hidden)
 
 
+def _residual(x, s, f):
+    """x + s·f in one kernel (addcmul) when the gain is a tensor; eager CPU mode fuses nothing itself."""
+    return torch.addcmul(x, f, s) if torch.is_tensor(s) else torch.add(x, f, alpha=s)
+
+
 class Block(nn.Module):
     """Φ(x; s): u = x + s·Attn(RMSNorm(x)); Φ = u + s·FFN(RMSNorm(u)). The gain s is passed in."""
 
@@ -209,8 +214,8 @@ class Block(nn.Module):
         self.ffn = SwiGLU(cfg.d_model, d_ffn, cfg.ffn_multiple)
 
     def forward(self, x, s, rope, cache=None, cache_key=None):
-        u = x + s * self.attn(self.attn_norm(x), rope, cache, cache_key)
-        return u + s * self.ffn(self.ffn_norm(u))
+        u = _residual(x, s, self.attn(self.attn_norm(x), rope, cache, cache_key))
+        return _residual(u, s, self.ffn(self.ffn_norm(u)))
 
     def flops_per_token(self, seq_len: int, convention: str = "true") -> float:
         return self.attn.flops_per_token(seq_len, convention) + self.ffn.flops_per_token(seq_len, convention)
@@ -268,7 +273,7 @@ class LoopPath(nn.Module):
                     halt_probs.append(q)
                 w = q if remaining is None else remaining * q
                 remaining = (1 - q) if remaining is None else remaining * (1 - q)
-            out = w.unsqueeze(-1) * h if out is None else out + w.unsqueeze(-1) * h
+            out = w.unsqueeze(-1) * h if out is None else torch.addcmul(out, w.unsqueeze(-1), h)
             if diag is not None:
                 halt_weights.append(w)
         if diag is not None:
@@ -420,11 +425,14 @@ class DualLayer(nn.Module):
         need_all = diag is not None or cache is not None
         h_deep = self.deep(x, rope, ov.K, cache, self.index, diag) if need_all or not const or const[0] else None
         h_wide = self.wide(x, rope, cache, self.index) if need_all or not const or const[1] else None
-        y = torch.zeros_like(x)
-        if h_deep is not None:
+        if h_deep is not None and h_wide is not None:
+            y = torch.addcmul(g_d.unsqueeze(-1) * h_deep, g_w.unsqueeze(-1), h_wide)
+        elif h_deep is not None:
             y = g_d.unsqueeze(-1) * h_deep
-        if h_wide is not None:
-            y = y + g_w.unsqueeze(-1) * h_wide
+        elif h_wide is not None:
+            y = g_w.unsqueeze(-1) * h_wide
+        else:
+            y = torch.zeros_like(x)
         if diag is not None:
             dd, dw = h_deep - x, h_wide - x
             diag["gate_deep"], diag["gate_wide"] = g_d, g_w
