@@ -662,3 +662,22 @@ def test_every_used_parameter_gets_a_finite_nonzero_gradient(arch, gate_mode):
             assert (p.grad[:3] != 0).all() and not p.grad[3:].any(), name
         else:
             assert p.grad.abs().sum() > 0, name
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile (used by the trainer and the benchmarks) computes what eager mode computes
+
+
+@pytest.mark.slow
+def test_compiled_dual_matches_eager_loss_and_gradients():
+    model = make_model("dual", n_kv_heads=2).train()
+    x = tokens(2, 32, seed=5)
+    eager = model(x, x)
+    eager.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model)(x, x)
+    compiled.loss.backward()
+    torch.testing.assert_close(compiled.loss, eager.loss, rtol=0, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5, msg=n)
