@@ -1,6 +1,6 @@
 """Duo oracle: prefix-shared pattern search against naive enumeration.
 
-    python benchmarks/bench_duo_oracle.py [--layers 12 --budget 6 --out runs/bench/duo_oracle.json]
+    python -m benchmarks.bench_duo_oracle [--layers 12 --budget 6] (writes benchmarks/results/duo_oracle.json)
 
 A randomly initialised (perturbed, so every branch matters) Duo model evaluates all C(L, k) patterns with
 exactly k big layers (the others small) on one batch, three ways:
@@ -19,20 +19,18 @@ over the with-skip space C(L, k)·2^(L−k) is timed too. Writes JSON and prints
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
 from dualpath import DualPathLM, ModelConfig, Overrides
 from dualpath.duo import NAMES
 from dualpath.search import DuoSearchModel, PatternEvaluator, SearchSpace, search
+
+from .common import write
 
 
 class _NoSiblings:
@@ -98,7 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--beam-skip", action="store_true", help="also time the with-skip beam search")
     ap.add_argument("--beam", type=int, default=16)
-    ap.add_argument("--out", default="runs/bench/duo_oracle.json")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/duo_oracle.json)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,20 +136,21 @@ def main(argv=None) -> int:
     for r in rows:
         r["speedup"] = t_naive / r["seconds"]
         r["patterns_per_s"] = len(patterns) / r["seconds"]
-    res = {"benchmark": "duo_oracle", "n_layers": args.layers, "budget": args.budget, "n_patterns": len(patterns),
+    res = {"n_layers": args.layers, "budget": args.budget, "n_patterns": len(patterns),
            "tokens": args.batch * args.seq_len, "d_model": args.d_model, "d_ffn_big": args.d_ffn_big,
            "hidden_big": model.layers[0].ffn_big.hidden, "hidden_small": model.layers[0].ffn_small.hidden,
-           "vocab": args.vocab, "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "machine": platform.processor() or platform.machine(), "rows": rows}
+           "vocab": args.vocab, "threads": torch.get_num_threads(), "rows": rows}
     if args.beam_skip:
         sk = SearchSpace(args.layers, ("big", "small", "skip"), "big", args.budget, "small")
         r, t = timed(lambda: search(sm, [batch], sk, max_patterns=1, beam=args.beam))
         res["beam_with_skip"] = {"space_size": sk.count(), "beam": args.beam, "n_evaluated": r["n_evaluated"],
                                  "seconds": t, "best_pattern": r["best_pattern_string"], "best_loss": r["best_loss"],
                                  "per_token_oracle": r["per_token_oracle"]}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
+    out = write("duo_oracle", res)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(out.read_text())
+        out = Path(args.out)
     print(f"Duo oracle, L={args.layers}, k={args.budget}: {len(patterns)} patterns on {args.batch}x{args.seq_len} "
           f"tokens, d_model={args.d_model}, {res['threads']} threads")
     print(f"{'method':<30} {'seconds':>8} {'speedup':>8} {'FLOP ratio':>10} {'FFN calls':>10} {'attn calls':>10} "
