@@ -143,13 +143,10 @@ class Attention(nn.Module):
     def forward(self, x, rope, cache: KVCache | None = None, cache_key: tuple | None = None):
         B, T, _ = x.shape
         cos, sin = rope
-        hq, hkv = self.n_heads, self.n_kv_heads
-        # One GEMM for q, k and v, and one RoPE for q and k: a Dual layer runs three attentions on the budget
-        # of one, so small matmuls and elementwise passes are what separate its speed from PureWide's.
-        w = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))
-        qkv = F.linear(x, w).view(B, T, hq + 2 * hkv, self.head_dim).transpose(1, 2)
-        qk, v = qkv.split((hq + hkv, hkv), dim=1)
-        q, k = apply_rope(qk, cos, sin).split((hq, hkv), dim=1)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         past = 0
@@ -190,8 +187,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(self.hidden, d_model, bias=False)
 
     def forward(self, x):
-        a, b = F.linear(x, torch.cat((self.w1.weight, self.w3.weight))).chunk(2, dim=-1)  # one GEMM for W1, W3
-        return self.w2(F.silu(a) * b)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     @staticmethod
     def flops(d_model: int, hidden: int) -> float:
