@@ -425,14 +425,9 @@ class DualLayer(nn.Module):
         need_all = diag is not None or cache is not None
         h_deep = self.deep(x, rope, ov.K, cache, self.index, diag) if need_all or not const or const[0] else None
         h_wide = self.wide(x, rope, cache, self.index) if need_all or not const or const[1] else None
-        if h_deep is not None and h_wide is not None:
-            y = torch.addcmul(g_d.unsqueeze(-1) * h_deep, g_w.unsqueeze(-1), h_wide)
-        elif h_deep is not None:
-            y = g_d.unsqueeze(-1) * h_deep
-        elif h_wide is not None:
-            y = g_w.unsqueeze(-1) * h_wide
-        else:
-            y = torch.zeros_like(x)
+        y = g_d.unsqueeze(-1) * h_deep if h_deep is not None else torch.zeros_like(x)
+        if h_wide is not None:
+            y = torch.addcmul(y, g_w.unsqueeze(-1), h_wide)
         if diag is not None:
             dd, dw = h_deep - x, h_wide - x
             diag["gate_deep"], diag["gate_wide"] = g_d, g_w
