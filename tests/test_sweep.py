@@ -81,6 +81,11 @@ def test_sweep_runs_aggregates_and_resumes(tmp_path, data_dir, capsys):
         assert target - step < float(r["train_flops"]) <= target, r["arm"]
     md = (out_dir / "results.md").read_text()
     assert "| PureWide |" in md and "±" in md and "**" in md
+    # the paired table: per seed, Dual minus PureWide, from the same rows
+    bpb = {(r["arm"], r["seed"]): float(r["val_bpb"]) for r in rows}
+    d = [bpb[("Dual K=2 α=0.5", s)] - bpb[("PureWide", s)] for s in ("0", "1")]
+    mean, sd = sum(d) / 2, abs(d[0] - d[1]) / 2 ** 0.5
+    assert f"| Dual K=2 α=0.5 | {mean:+.4f} ± {sd:.4f} | {sum(x < 0 for x in d)}/2 |" in md
     assert (out_dir / "bpb_vs_params.png").is_file() and (out_dir / "loss_vs_flops.png").is_file()
     # a second call skips every finished run
     stamps = {p: p.stat().st_mtime_ns for p in out_dir.rglob("eval.json")}

@@ -1,6 +1,6 @@
 """Iso-FLOP sweeps: budgets × architectures × K × α × seeds, as the paper runs them.
 
-    dualpath sweep SWEEP.yaml [--jobs N] [--dry-run] [--only-aggregate]
+    dualpath sweep SWEEP.yaml [--jobs N] [--dry-run] [--aggregate-only]
 
 Every run of a budget gets the same total true training FLOPs: the budget's tokens times the true training
 FLOPs per token of its PureWide model (`target_flops`). Widths come from the solver. Each run writes into
@@ -287,10 +287,36 @@ def aggregate(sweep: SweepConfig, runs: list[Run]) -> list[dict]:
             lines.append(f"| {arm} | {s['params'] / 1e6:.2f}M | {s['fpt'] / 1e6:.2f}M | {s['n']} | "
                          + " | ".join(cells) + " |")
         lines.append("")
+        lines += _paired(group, arms, "val_bpb")
     lines.append("Mean ± std over seeds; bold: best in the budget (lowest BPB/loss, highest accuracy).")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plots(out, rows, runs)
     return rows
+
+
+def _paired(group: list[dict], arms: list[str], metric: str) -> list[str]:
+    """Arm minus baseline, seed by seed. Within a seed every arm sees the same windows, so this spread is far
+    tighter than the seed-to-seed spread of the means."""
+    import statistics
+
+    def value(r):
+        v = r.get(metric)
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    base = "PureWide" if "PureWide" in arms else arms[0]
+    ref = {r["seed"]: value(r) for r in group if r["arm"] == base and value(r) is not None}
+    if len(ref) < 2:
+        return []
+    lines = [f"Paired by seed: {metric}, arm minus {base}, mean ± std over seeds; "
+             "better in: seeds where the arm is lower", "",
+             f"| arm | Δ {metric} vs {base} | better in |", "|---|---|---|"]
+    for arm in arms:
+        d = [value(r) - ref[r["seed"]] for r in group
+             if r["arm"] == arm != base and r["seed"] in ref and value(r) is not None]
+        if d:
+            sd = statistics.stdev(d) if len(d) > 1 else 0.0
+            lines.append(f"| {arm} | {statistics.mean(d):+.4f} ± {sd:.4f} | {sum(x < 0 for x in d)}/{len(d)} |")
+    return lines + [""]
 
 
 def _plots(out: Path, rows: list[dict], runs: list[Run]) -> None:
