@@ -19,7 +19,7 @@ SPACY=../shared/models/spacy-en_core_web_sm-3.6.0
   --tokenizer data/cpu_mix/tokenizer.json --max-tokens 200000 --synthetic-eval 100 --quiet
 
 # 2. the iso-FLOP sweep -> $OUT/results.md, results.csv, bpb_vs_params.png, loss_vs_flops.png
-$PY/dualpath sweep configs/sweeps/cpu_paper_table.yaml "seeds=$SEEDS" "tokens=$TOKENS" eval_limit=32 out_dir=$OUT
+$PY/dualpath sweep configs/sweeps/cpu_paper_table.yaml "seeds=$SEEDS" "tokens=$TOKENS" out_dir=$OUT
 
 # 3. ablations of the best Dual arm of each budget (lowest mean val BPB over seeds; its first seed's model):
 #    forced K and gate overrides
