@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin
 SEEDS=${SEEDS:-"[0,1,2]"}
 TOKENS=${TOKENS:-"[2000000,1000000]"}
-OUT=${OUT:-runs/cpu_paper_table}
+OUT=${OUT:-results/cpu_paper_table}
 SPACY=../shared/models/spacy-en_core_web_sm-3.6.0
 
 # 1. data: the real-text mix for training, the synthetic corpus as a second eval (same tokenizer)

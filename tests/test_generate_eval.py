@@ -188,3 +188,29 @@ def test_datasets_with_the_same_stem_keep_separate_columns(tokenizer_json, tmp_p
     row = res["variants"]["trained (K=1)"]
     assert row["a/test"]["bytes"] == len("First text, some words here. " * 10)
     assert row["b/test"]["bytes"] == len("Another one entirely. " * 12)
+
+
+def test_text_limit_scores_exactly_that_many_windows(tokenizer_json, tmp_path):
+    from dualpath.evaluate import evaluate_datasets
+
+    tok = load_tokenizer(tokenizer_json.parent)
+    model = perturbed_model(tiny_config("wide"), seed=11)
+    text = SHAKESPEARE.read_text()[:20000]
+    ids, ctx, n = tok.encode(text).ids, model.cfg.seq_len, 3
+    assert len(ids) > n * ctx
+    r = evaluate_text(model, tok, text, max_windows=n)
+    prefix = tok.decode(ids[:n * ctx])
+    assert text.startswith(prefix)
+    assert r["tokens"] == n * ctx
+    assert r["bytes"] == len(prefix.encode())  # BPB counts the scored bytes only
+    eos = tok.token_to_id("<|endoftext|>")
+    windows = [[eos] + ids[:ctx], ids[ctx - 1:2 * ctx], ids[2 * ctx - 1:3 * ctx]]
+    ref = sum(loss.double().sum().item() for loss in score_sequences(model, windows))
+    assert math.isclose(r["loss"] * r["tokens"], ref, rel_tol=1e-9)
+    # a limit past the end is the whole text; evaluate_datasets passes --limit through as windows
+    a, b = evaluate_text(model, tok, text, max_windows=10_000), evaluate_text(model, tok, text)
+    assert (a["tokens"], a["bytes"]) == (b["tokens"], b["bytes"]) and a["loss"] == pytest.approx(b["loss"], rel=1e-9)
+    (tmp_path / "t.txt").write_text(text)
+    row = evaluate_datasets(model, tok, [str(tmp_path / "t.txt")], limit=n)["variants"]["trained (K=1)"]["t"]
+    assert (row["tokens"], row["bytes"]) == (n * ctx, r["bytes"])
+    assert row["loss"] == pytest.approx(r["loss"], rel=1e-9)

@@ -68,6 +68,9 @@ def test_dry_run_prints_the_grid(tmp_path, data_dir, capsys):
 def test_sweep_runs_aggregates_and_resumes(tmp_path, data_dir, capsys):
     path = _sweep_file(tmp_path, data_dir, budgets=[2.0e5])
     assert main(["sweep", str(path)]) == 0
+    # seed by seed: every arm of seed 0 starts before any run of seed 1
+    started = [ln.split("/seed")[1][0] for ln in capsys.readouterr().out.splitlines() if ln.startswith("started:")]
+    assert started == ["0", "0", "1", "1"]
     out_dir = tmp_path / "sweep"
     rows = list(csv.DictReader(open(out_dir / "results.csv")))
     assert len(rows) == 4

@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gates", help="comma-separated: deep-only, wide-only, both=0.5, both=1, shuffled")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--limit", type=int, help="at most this many windows of a prepared folder, examples (per category) "
-                   "of a Q/A or synthetic set, or LIMIT×4×T characters of a text file")
+                   "of a Q/A or synthetic set, or windows of a text file")
     s.add_argument("--no-exact-match", action="store_true", help="skip greedy answer decoding")
     s.add_argument("--out", help="also write the JSON here")
     s.add_argument("--json", action="store_true")

@@ -64,16 +64,22 @@ def score_sequences(model, seqs: list[list[int]], batch_size: int = 16, override
     return out
 
 
-def evaluate_text(model, tokenizer, text: str, batch_size: int = 8, overrides: Overrides | None = None) -> dict:
-    """Loss, perplexity and BPB of raw text, in non-overlapping context-sized windows."""
-    ids = tokenizer.encode(text).ids
+def evaluate_text(model, tokenizer, text: str, batch_size: int = 8, overrides: Overrides | None = None,
+                  max_windows: int | None = None) -> dict:
+    """Loss, perplexity and BPB of raw text, in non-overlapping context-sized windows (the first
+    `max_windows` of them when given; BPB then counts the bytes of the scored tokens only)."""
+    enc = tokenizer.encode(text)
+    ids = enc.ids
     if len(ids) < 2:
         raise DataError("the text is too short to evaluate (fewer than 2 tokens)")
     ctx = model.cfg.seq_len
+    nbytes = len(text.encode("utf-8"))
+    if max_windows and len(ids) > max_windows * ctx:
+        ids = ids[:max_windows * ctx]
+        nbytes = len(text[:enc.offsets[len(ids) - 1][1]].encode("utf-8"))
     windows = [[_eos(tokenizer)] + ids[:ctx]] + [ids[i - 1:i + ctx] for i in range(ctx, len(ids), ctx)]
     t0 = time.perf_counter()
     losses = torch.cat(score_sequences(model, windows, batch_size, overrides))
-    nbytes = len(text.encode("utf-8"))
     return _summary(losses.double().sum().item(), losses.numel(), nbytes, time.perf_counter() - t0, model)
 
 
@@ -286,8 +292,7 @@ def evaluate_datasets(model, tokenizer, data: list[str], *, force_K: list[int] |
                 row[ds] = evaluate_shards(model, path, batch_size=batch_size, max_windows=limit, overrides=ov)
             elif kind == "text":
                 text = path.read_text(encoding="utf-8", errors="replace")
-                row[ds] = evaluate_text(model, tokenizer, text[:limit * 4 * cfg.seq_len] if limit else text,
-                                        batch_size, ov)
+                row[ds] = evaluate_text(model, tokenizer, text, batch_size, ov, max_windows=limit)
             else:
                 import json
 

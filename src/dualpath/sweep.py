@@ -190,7 +190,8 @@ def train_and_eval(cfg_path: str, evals: list[str], eval_limit: int) -> None:
 def run_sweep(sweep: SweepConfig, jobs: int = 1, log=print) -> list[dict]:
     runs = plan(sweep)
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    pending = list(runs)
+    # seed by seed: a sweep cut off part-way still has every arm of its first seeds
+    pending = sorted(runs, key=lambda r: sweep.seeds.index(r.seed))
     active: list[tuple[Run, subprocess.Popen]] = []
     failed = []
     while pending or active:
