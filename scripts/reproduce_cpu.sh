@@ -37,6 +37,11 @@ print(f"{sys.argv[1]}/{sys.argv[2]}/dual_K{K}_a{alpha}/seed{seed}")
 PY
 )
   [ -n "$best" ] || continue
+  # results/ keeps no checkpoints: on another machine, train the best run again from its own config
+  if [ ! -d "$best/checkpoints" ]; then
+    $PY/dualpath train "$best/run.yaml" train.out_dir="$OUT/$budget/best_model" > "$OUT/$budget/best_model.log"
+    best="$OUT/$budget/best_model"
+  fi
   $PY/dualpath eval "$best" --data data/cpu_mix ../shared/data/wikitext-2/test.txt ../shared/data/gsm8k/test.jsonl \
     --force-K 1,2,3,5,8,10 --gates deep-only,wide-only,both=0.5,both=1,shuffled --limit 32 --no-exact-match \
     --out "$OUT/$budget/ablations.json" > "$OUT/$budget/ablations.md"

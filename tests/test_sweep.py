@@ -3,14 +3,17 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
 
 from dualpath.cli import main
-from dualpath.sweep import load_sweep, plan
+from dualpath.sweep import load_sweep, plan, run_order
 
 from helpers import SHAKESPEARE
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +65,24 @@ def test_dry_run_prints_the_grid(tmp_path, data_dir, capsys):
     out = capsys.readouterr().out
     assert out.count("| PureWide |") == 4 and out.count("| Dual K=2 α=0.5 |") == 4
     assert "estimated wall time" in out
+
+
+def test_run_order_is_seed_by_seed_with_over_budget_arms_last():
+    sweep = load_sweep(ROOT / "configs/sweeps/cpu_paper_table.yaml")
+    runs = plan(sweep)
+    order = run_order(runs, sweep.seeds)
+    assert sorted(r.folder for r in order) == sorted(r.folder for r in runs)
+    wide = {r.budget: r.flops_per_token for r in runs if r.arch == "wide"}
+    over = [r.flops_per_token > wide[r.budget] for r in order]
+    # the arms the solver floor leaves above PureWide's cost per token (documented in docs/REPRODUCTION.md)
+    assert sorted({r.folder.split("/seed")[0] for r, o in zip(order, over) if o}) == [
+        "F3e+06/dual_K2_a0.25", "F3e+06/dual_K3_a0.25", "F3e+06/dual_K4_a0.25", "F3e+06/dual_K4_a0.5",
+        "F6e+06/dual_K4_a0.25"]
+    assert over == sorted(over)  # every in-budget run first
+    for part in (order[:over.index(True)], order[over.index(True):]):
+        seeds = [r.seed for r in part]
+        assert seeds == sorted(seeds)  # then seed by seed
+        assert len(part) == 3 * len({r.folder.split("/seed")[0] for r in part})
 
 
 @pytest.mark.slow

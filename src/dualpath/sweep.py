@@ -187,11 +187,17 @@ def train_and_eval(cfg_path: str, evals: list[str], eval_limit: int) -> None:
     atomic_write_text(Path(cfg.train.out_dir) / "eval.json", json.dumps(result, indent=2))
 
 
+def run_order(runs: list[Run], seeds: list[int]) -> list[Run]:
+    """Seed by seed, and last the arms the solver could not bring within their budget's PureWide FLOPs per
+    token: a sweep cut off part-way still has every iso-FLOP arm of its first seeds."""
+    wide = {r.budget: r.flops_per_token for r in runs if r.arch == "wide"}
+    return sorted(runs, key=lambda r: (r.flops_per_token > wide.get(r.budget, math.inf), seeds.index(r.seed)))
+
+
 def run_sweep(sweep: SweepConfig, jobs: int = 1, log=print) -> list[dict]:
     runs = plan(sweep)
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    # seed by seed: a sweep cut off part-way still has every arm of its first seeds
-    pending = sorted(runs, key=lambda r: sweep.seeds.index(r.seed))
+    pending = run_order(runs, sweep.seeds)
     active: list[tuple[Run, subprocess.Popen]] = []
     failed = []
     while pending or active:
