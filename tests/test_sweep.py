@@ -128,6 +128,31 @@ def test_sweep_config_errors(tmp_path, data_dir, capsys):
     assert "budgets" in capsys.readouterr().err
 
 
+def test_a_folder_trained_under_another_config_is_refused(tmp_path, data_dir, capsys):
+    from dualpath.config import to_dict
+
+    path = _sweep_file(tmp_path, data_dir)
+    run = plan(load_sweep(path))[1]
+    folder = tmp_path / "sweep" / run.folder
+    folder.mkdir(parents=True)
+    stored = to_dict(run.config)
+    del stored["train"]["seed"]  # a field an older version did not write is no mismatch
+    (folder / "run.yaml").write_text(yaml.safe_dump(stored))
+    assert main(["sweep", str(path), "--aggregate-only"]) == 0
+    stored["optim"]["lr"] = 1e-4
+    (folder / "run.yaml").write_text(yaml.safe_dump(stored))
+    (folder / "eval.json").write_text("{}")
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    for argv in (["sweep", str(path)], ["sweep", str(path), "--aggregate-only"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "optim.lr: 0.0001 there" in err and str(folder) in err
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before  # nothing trained or overwritten
+    (folder / "run.yaml").write_text("- not a mapping\n")
+    assert main(["sweep", str(path), "--aggregate-only"]) == 2
+    assert "is not a run config" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_crashed_run_resumes_from_its_checkpoint(tmp_path, data_dir):
     path = _sweep_file(tmp_path, data_dir, budgets=[2.0e5], seeds=[0],

@@ -182,7 +182,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import aggregate, dry_run, emit_configs, load_sweep, plan, run_sweep
+    from .sweep import aggregate, check_run_folders, dry_run, emit_configs, load_sweep, plan, run_sweep
 
     sweep = load_sweep(args.config, args.overrides)
     if args.emit_configs:
@@ -193,7 +193,9 @@ def cmd_sweep(args) -> int:
         print(dry_run(sweep, plan(sweep), args.jobs))
         return 0
     if args.aggregate_only:
-        aggregate(sweep, plan(sweep))
+        runs = plan(sweep)
+        check_run_folders(runs)
+        aggregate(sweep, runs)
     else:
         run_sweep(sweep, jobs=args.jobs)
     results = Path(sweep.out_dir) / "results.md"

@@ -152,6 +152,39 @@ def dry_run(sweep: SweepConfig, runs: list[Run], jobs: int = 1) -> str:
     return "\n".join(lines)
 
 
+def check_run_folders(runs: list[Run]) -> None:
+    """A folder trained under another config would be skipped as finished, or resumed, as if it were this run:
+    refuse it. Keys the stored run.yaml lacks are fields an older version did not have."""
+    for r in runs:
+        path = Path(r.config.train.out_dir) / "run.yaml"
+        if not path.is_file():
+            continue
+        try:
+            stored = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            stored = None
+        if not isinstance(stored, dict):
+            raise ConfigError(f"{path} is not a run config; remove the folder to train this run again")
+        diff = _first_difference(stored, to_dict(r.config))
+        if diff:
+            raise ConfigError(f"{path} was trained under another config ({diff}); "
+                              "use another out_dir, or remove the folder to train it again")
+
+
+def _first_difference(stored: dict, planned: dict, prefix: str = "") -> str | None:
+    for key, value in stored.items():
+        if key not in planned:
+            return f"{prefix}{key} is no longer a setting"
+        want = planned[key]
+        if isinstance(value, dict) and isinstance(want, dict):
+            diff = _first_difference(value, want, f"{prefix}{key}.")
+            if diff:
+                return diff
+        elif value != want:
+            return f"{prefix}{key}: {value!r} there, {want!r} here"
+    return None
+
+
 def _run_one(run: Run, sweep: SweepConfig, threads: int | None) -> subprocess.Popen | None:
     folder = Path(run.config.train.out_dir)
     if (folder / "eval.json").is_file():
@@ -196,6 +229,7 @@ def run_order(runs: list[Run], seeds: list[int]) -> list[Run]:
 
 def run_sweep(sweep: SweepConfig, jobs: int = 1, log=print) -> list[dict]:
     runs = plan(sweep)
+    check_run_folders(runs)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pending = run_order(runs, sweep.seeds)
     active: list[tuple[Run, subprocess.Popen]] = []
