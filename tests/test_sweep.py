@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from dualpath.cli import main
-from dualpath.sweep import load_sweep, plan, run_order
+from dualpath.sweep import _paper_columns, load_sweep, plan, run_order
 
 from helpers import SHAKESPEARE
 
@@ -67,6 +67,16 @@ def test_dry_run_prints_the_grid(tmp_path, data_dir, capsys):
     assert "estimated wall time" in out
 
 
+def test_results_md_columns_are_the_papers_layout():
+    keys = ["budget", "arm", "val_bpb", "mix/bpb", "mix/loss", "wikitext-2/test/bpb", "wikitext-2/test/loss",
+            "gsm8k/test/bpb", "gsm8k/test/loss", "gsm8k/test/answer_loss", "synth:examples/bpb",
+            "synth:examples/loss", "fact/bpb", "fact/acc", "arith/bpb", "arith/acc"]
+    assert _paper_columns(keys) == {
+        "val BPB": ("val_bpb",), "mix BPB": ("mix/bpb",), "wikitext-2/test BPB": ("wikitext-2/test/bpb",),
+        "gsm8k/test BPB": ("gsm8k/test/bpb",), "gsm8k/test answer loss": ("gsm8k/test/answer_loss",),
+        "fact BPB (acc)": ("fact/bpb", "fact/acc"), "arith BPB (acc)": ("arith/bpb", "arith/acc")}
+
+
 def test_run_order_is_seed_by_seed_with_over_budget_arms_last():
     sweep = load_sweep(ROOT / "configs/sweeps/cpu_paper_table.yaml")
     runs = plan(sweep)
@@ -105,6 +115,7 @@ def test_sweep_runs_aggregates_and_resumes(tmp_path, data_dir, capsys):
         assert target - step < float(r["train_flops"]) <= target, r["arm"]
     md = (out_dir / "results.md").read_text()
     assert "| PureWide |" in md and "±" in md and "**" in md
+    assert "| arm | params | true FLOPs/token | seeds | val BPB | data BPB |" in md
     # the paired table: per seed, Dual minus PureWide, from the same rows
     bpb = {(r["arm"], r["seed"]): float(r["val_bpb"]) for r in rows}
     d = [bpb[("Dual K=2 α=0.5", s)] - bpb[("PureWide", s)] for s in ("0", "1")]

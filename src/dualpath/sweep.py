@@ -295,7 +295,7 @@ def aggregate(sweep: SweepConfig, runs: list[Run]) -> list[dict]:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    metrics = [k for k in keys if "/" in k or k == "val_bpb"]
+    columns = _paper_columns(keys)
     lines = []
     for budget in sorted({r["budget"] for r in rows}):
         group = [r for r in rows if r["budget"] == budget]
@@ -304,35 +304,57 @@ def aggregate(sweep: SweepConfig, runs: list[Run]) -> list[dict]:
         for arm in arms:
             rs = [r for r in group if r["arm"] == arm]
             stats[arm] = {"params": rs[0]["params"], "fpt": rs[0]["flops_per_token"], "n": len(rs)}
-            for m in metrics:
-                vals = [r[m] for r in rs if isinstance(r.get(m), (int, float)) and r[m] is not None
-                        and math.isfinite(r[m])]
-                stats[arm][m] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0) \
+            for m in (m for col in columns.values() for m in col):
+                vals = [r[m] for r in rs if isinstance(r.get(m), (int, float)) and math.isfinite(r[m])]
+                stats[arm][m] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else None) \
                     if vals else None
-        lines += [f"### Budget F_M = {budget:.3g} ({sweep.match} FLOPs per layer)", "",
-                  "| arm | params | FLOPs/token | seeds | " + " | ".join(metrics) + " |",
-                  "|---" * (len(metrics) + 4) + "|"]
         best = {}
-        for m in metrics:
-            vals = {a: s[m][0] for a, s in stats.items() if s[m] is not None}
+        for metric, *_ in columns.values():
+            vals = {a: s[metric][0] for a, s in stats.items() if s[metric] is not None}
             if len(set(vals.values())) > 1:  # no winner among ties
-                best[m] = (max if m.endswith("/acc") else min)(vals, key=vals.get)
+                best[metric] = min(vals, key=vals.get)
+        lines += [f"### Budget F_M = {budget:.3g} ({sweep.match} FLOPs per layer)", "",
+                  "| arm | params | true FLOPs/token | seeds | " + " | ".join(columns) + " |",
+                  "|---" * (len(columns) + 4) + "|"]
         for arm, s in stats.items():
             cells = []
-            for m in metrics:
-                if s[m] is None:
+            for metric, *acc in columns.values():
+                if s[metric] is None:
                     cells.append("–")
                     continue
-                text = f"{s[m][0]:.4f} ± {s[m][1]:.4f}"
-                cells.append(f"**{text}**" if best.get(m) == arm else text)
+                mean, sd = s[metric]
+                text = f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
+                text = f"**{text}**" if best.get(metric) == arm else text
+                if acc and s[acc[0]] is not None:
+                    text += f" ({100 * s[acc[0]][0]:.1f}%)"
+                cells.append(text)
             lines.append(f"| {arm} | {s['params'] / 1e6:.2f}M | {s['fpt'] / 1e6:.2f}M | {s['n']} | "
                          + " | ".join(cells) + " |")
         lines.append("")
         lines += _paired(group, arms, "val_bpb")
-    lines.append("Mean ± std over seeds; bold: best in the budget (lowest BPB/loss, highest accuracy).")
+    lines.append("Mean ± std over seeds (no ± for one seed); bold: lowest in the budget. BPB is bits per byte, the "
+                 "answer loss nats per answer token, (x%) greedy exact-match accuracy; results.csv has every metric "
+                 "of every run.")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plots(out, rows, runs)
     return rows
+
+
+def _paper_columns(keys: list[str]) -> dict[str, tuple[str, ...]]:
+    """The paper's layout: val BPB, BPB per eval set, Q/A answer loss, synthetic per-category BPB (with the
+    category's accuracy beside it). Header -> (metric, [accuracy metric])."""
+    cols = {"val BPB": ("val_bpb",)}
+    for k in keys:
+        name, _, metric = k.rpartition("/")
+        if not name or name.endswith(":examples"):  # a synthetic set's total: its categories follow
+            continue
+        if metric == "bpb" and f"{name}/acc" in keys:
+            cols[f"{name} BPB (acc)"] = (k, f"{name}/acc")
+        elif metric == "bpb":
+            cols[f"{name} BPB"] = (k,)
+        elif metric == "answer_loss":
+            cols[f"{name} answer loss"] = (k,)
+    return cols
 
 
 def _paired(group: list[dict], arms: list[str], metric: str) -> list[str]:
