@@ -64,7 +64,7 @@ def test_dry_run_prints_the_grid(tmp_path, data_dir, capsys):
     assert main(["sweep", str(_sweep_file(tmp_path, data_dir)), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count("| PureWide |") == 4 and out.count("| Dual K=2 α=0.5 |") == 4
-    assert "estimated wall time" in out
+    assert out.count("| to train |") == 8 and "8 runs, 0 done; estimated wall time" in out
 
 
 def test_results_md_columns_are_the_papers_layout():
@@ -122,6 +122,8 @@ def test_sweep_runs_aggregates_and_resumes(tmp_path, data_dir, capsys):
     mean, sd = sum(d) / 2, abs(d[0] - d[1]) / 2 ** 0.5
     assert f"| Dual K=2 α=0.5 | {mean:+.4f} ± {sd:.4f} | {sum(x < 0 for x in d)}/2 |" in md
     assert (out_dir / "bpb_vs_params.png").is_file() and (out_dir / "loss_vs_flops.png").is_file()
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert "4 runs, 4 done; estimated wall time" in capsys.readouterr().out
     # a second call skips every finished run
     stamps = {p: p.stat().st_mtime_ns for p in out_dir.rglob("eval.json")}
     assert main(["sweep", str(path)]) == 0
@@ -131,6 +133,8 @@ def test_sweep_runs_aggregates_and_resumes(tmp_path, data_dir, capsys):
 
 
 def test_sweep_config_errors(tmp_path, data_dir, capsys):
+    assert main(["sweep", str(_sweep_file(tmp_path, data_dir)), "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
     bad = _sweep_file(tmp_path, data_dir, arms=[{"arch": "wid"}])
     assert main(["sweep", str(bad), "--dry-run"]) == 2
     assert "wide, loop or dual" in capsys.readouterr().err

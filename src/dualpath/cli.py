@@ -190,7 +190,7 @@ def cmd_sweep(args) -> int:
             print(path)
         return 0
     if args.dry_run:
-        print(dry_run(sweep, plan(sweep), args.jobs))
+        print(dry_run(sweep, plan(sweep)))
         return 0
     if args.aggregate_only:
         runs = plan(sweep)

@@ -133,22 +133,31 @@ def plan(sweep: SweepConfig) -> list[Run]:
     return runs
 
 
-def dry_run(sweep: SweepConfig, runs: list[Run], jobs: int = 1) -> str:
+def dry_run(sweep: SweepConfig, runs: list[Run]) -> str:
+    """The grid with each run's cost and state, and the wall time of what is left to train."""
+    from .checkpoint import find_latest
     from .perf import measure_gemm_peak
 
     peak = measure_gemm_peak("cpu", seconds=0.3)
-    lines = ["| budget | arm | seed | params | true FLOPs/token (fwd) | train FLOPs | est. minutes |",
-             "|---|---|---|---|---|---|---|"]
-    total = 0.0
+    lines = ["| budget | arm | seed | params | true FLOPs/token (fwd) | train FLOPs | est. minutes | state |",
+             "|---|---|---|---|---|---|---|---|"]
+    total = left = 0.0
+    done = 0
     for r in runs:
         minutes = r.target_flops / (peak * sweep.assumed_mfu) / 60
+        folder = Path(r.config.train.out_dir)
+        ckpt = find_latest(folder)
+        state = "done" if (folder / "eval.json").is_file() else f"checkpoint {ckpt.name}" if ckpt else "to train"
         total += minutes
+        done += state == "done"
+        left += 0 if state == "done" else minutes
         lines.append(f"| {r.budget:.3g} | {r.arm} | {r.seed} | {r.params / 1e6:.2f}M | "
-                     f"{r.flops_per_token / 1e6:.2f}M | {r.target_flops:.3g} | {minutes:.1f} |")
+                     f"{r.flops_per_token / 1e6:.2f}M | {r.target_flops:.3g} | {minutes:.1f} | {state} |")
     lines.append("")
-    lines.append(f"{len(runs)} runs; estimated wall time {total / 60:.1f} h on one process ({total / 60 / jobs:.1f} h "
-                 f"with --jobs {jobs}), assuming MFU {sweep.assumed_mfu} of a measured {peak / 1e9:.0f} GFLOP/s "
-                 "GEMM peak on this machine")
+    # --jobs share this machine's cores, so they do not shorten a compute-bound sweep
+    lines.append(f"{len(runs)} runs, {done} done; estimated wall time {total / 60:.1f} h in all, {left / 60:.1f} h "
+                 f"left, assuming MFU {sweep.assumed_mfu} of a measured {peak / 1e9:.0f} GFLOP/s GEMM peak on "
+                 "this machine")
     return "\n".join(lines)
 
 
@@ -228,6 +237,8 @@ def run_order(runs: list[Run], seeds: list[int]) -> list[Run]:
 
 
 def run_sweep(sweep: SweepConfig, jobs: int = 1, log=print) -> list[dict]:
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     runs = plan(sweep)
     check_run_folders(runs)
     threads = max(1, (os.cpu_count() or 1) // jobs)
