@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates every table and figure of docs/REPRODUCTION.md on a 2-core CPU machine.
-# SEEDS and TOKENS default to the full sweep of configs/sweeps/cpu_paper_table.yaml (about 13 h);
+# SEEDS and TOKENS default to the full sweep of configs/sweeps/cpu_paper_table.yaml (see docs/REPRODUCTION.md for
+# its measured time; results/ keeps finished runs in git, so it resumes across sessions and machines);
 # the reduced run recorded in docs/REPRODUCTION.md used: TOKENS="[300000,150000]" OUT=runs/cpu_reduced
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,8 @@ SPACY=../shared/models/spacy-en_core_web_sm-3.6.0
   --tokenizer data/cpu_mix/tokenizer.json --max-tokens 200000 --synthetic-eval 100 --quiet
 
 # 2. the iso-FLOP sweep -> $OUT/results.md, results.csv, bpb_vs_params.png, loss_vs_flops.png
-$PY/dualpath sweep configs/sweeps/cpu_paper_table.yaml "seeds=$SEEDS" "tokens=$TOKENS" out_dir=$OUT
+# two one-thread jobs, as the runs in results/ are trained: the thread count changes float rounding
+$PY/dualpath sweep configs/sweeps/cpu_paper_table.yaml "seeds=$SEEDS" "tokens=$TOKENS" out_dir=$OUT --jobs 2
 
 # 3. ablations of the best Dual arm of each budget (lowest mean val BPB over seeds; its first seed's model):
 #    forced K and gate overrides
@@ -39,7 +41,7 @@ PY
   [ -n "$best" ] || continue
   # results/ keeps no checkpoints: on another machine, train the best run again from its own config
   if [ ! -d "$best/checkpoints" ]; then
-    $PY/dualpath train "$best/run.yaml" train.out_dir="$OUT/$budget/best_model" > "$OUT/$budget/best_model.log"
+    OMP_NUM_THREADS=1 $PY/dualpath train "$best/run.yaml" train.out_dir="$OUT/$budget/best_model" > "$OUT/$budget/best_model.log"
     best="$OUT/$budget/best_model"
   fi
   $PY/dualpath eval "$best" --data data/cpu_mix ../shared/data/wikitext-2/test.txt ../shared/data/gsm8k/test.jsonl \
