@@ -174,7 +174,10 @@ def check_run_folders(runs: list[Run]) -> None:
             stored = None
         if not isinstance(stored, dict):
             raise ConfigError(f"{path} is not a run config; remove the folder to train this run again")
-        diff = _first_difference(stored, to_dict(r.config))
+        planned = to_dict(r.config)
+        if isinstance(stored.get("train"), dict) and "out_dir" in stored["train"]:
+            planned["train"]["out_dir"] = stored["train"]["out_dir"]  # the same folder, however the path is spelled
+        diff = _first_difference(stored, planned)
         if diff:
             raise ConfigError(f"{path} was trained under another config ({diff}); "
                               "use another out_dir, or remove the folder to train it again")
