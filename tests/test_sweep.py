@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from dualpath.cli import main
-from dualpath.sweep import _paper_columns, load_sweep, plan, run_order
+from dualpath.sweep import _paired, _paper_columns, load_sweep, plan, run_order
 
 from helpers import SHAKESPEARE
 
@@ -130,6 +130,15 @@ def test_sweep_runs_aggregates_and_resumes(tmp_path, data_dir, capsys):
     assert {p: p.stat().st_mtime_ns for p in out_dir.rglob("eval.json")} == stamps
     ev = json.loads(next(out_dir.rglob("eval.json")).read_text())
     assert "summary" in ev and "eval" in ev
+
+
+def test_paired_table_gives_no_spread_for_one_seed():
+    rows = [{"arm": "PureWide", "seed": 0, "val_bpb": 2.0}, {"arm": "PureWide", "seed": 1, "val_bpb": 2.5},
+            {"arm": "A", "seed": 0, "val_bpb": 1.75}, {"arm": "A", "seed": 1, "val_bpb": 2.5},
+            {"arm": "B", "seed": 0, "val_bpb": 2.125}]
+    lines = _paired(rows, ["PureWide", "A", "B"], "val_bpb")
+    assert f"| A | -0.1250 ± {0.25 / 2 ** 0.5:.4f} | 1/2 |" in lines
+    assert "| B | +0.1250 | 0/1 |" in lines
 
 
 def test_sweep_config_errors(tmp_path, data_dir, capsys):

@@ -391,8 +391,8 @@ def _paired(group: list[dict], arms: list[str], metric: str) -> list[str]:
         d = [value(r) - ref[r["seed"]] for r in group
              if r["arm"] == arm != base and r["seed"] in ref and value(r) is not None]
         if d:
-            sd = statistics.stdev(d) if len(d) > 1 else 0.0
-            lines.append(f"| {arm} | {statistics.mean(d):+.4f} ± {sd:.4f} | {sum(x < 0 for x in d)}/{len(d)} |")
+            spread = f" ± {statistics.stdev(d):.4f}" if len(d) > 1 else ""  # one seed: no spread to claim
+            lines.append(f"| {arm} | {statistics.mean(d):+.4f}{spread} | {sum(x < 0 for x in d)}/{len(d)} |")
     return lines + [""]
 
 
