@@ -402,6 +402,7 @@ def _plots(out: Path, rows: list[dict], runs: list[Run]) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         return
     budgets = sorted({r["budget"] for r in rows})
@@ -418,6 +419,10 @@ def _plots(out: Path, rows: list[dict], runs: list[Run]) -> None:
     fig.savefig(out / "bpb_vs_params.png", dpi=120)
     plt.close(fig)
     fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
+    # 13 arms outrun the default 10-colour cycle: one colour per arm, one line style per architecture
+    arms = list(dict.fromkeys(r.arm for r in runs))
+    colors = {arm: plt.get_cmap("tab20")(i % 20) for i, arm in enumerate(arms)}
+    styles = {"wide": "-", "loop": "--", "dual": "-"}
     for ax, budget in zip(axes[0], budgets):
         for r in runs:
             if r.budget != budget or r.seed != runs[0].seed:
@@ -427,11 +432,13 @@ def _plots(out: Path, rows: list[dict], runs: list[Run]) -> None:
                 continue
             recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
             recs = [x for x in recs if "loss" in x and "flops" in x]
-            ax.plot([x["flops"] for x in recs], [x["loss"] for x in recs], label=r.arm, lw=1)
+            ax.plot([x["flops"] for x in recs], [x["loss"] for x in recs], label=r.arm, color=colors[r.arm],
+                    ls=styles[r.arch], lw=2 if r.arch == "wide" else 1)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a short range
         ax.set_xlabel("training FLOPs (true)")
         ax.set_ylabel("train loss")
-        ax.set_title(f"F_M = {budget:.3g}")
+        ax.set_title(f"F_M = {budget:.3g}, seed {runs[0].seed}")
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "loss_vs_flops.png", dpi=120)
