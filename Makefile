@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m dualpath.demo
+	$(PY) -m dualpath demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -5,7 +5,7 @@
 A randomly initialised (perturbed, so every branch matters) Duo model evaluates all C(L, k) patterns with
 exactly k big layers (the others small) on one batch, three ways:
 
-    naive forward      one full model forward per pattern, Overrides(duo_choice=mask) (gather/scatter)
+    naive forward      one full model forward per pattern, model(x, choices=mask) (gather/scatter)
     prefix shared      a depth-first walk of the pattern trie: patterns agreeing on their first j layers
                        share those j layers' computation (only the trie's nodes are computed)
     + sibling attn     the same walk, and sibling choices at a node share that layer's attention
@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from dualpath import DualPathLM, ModelConfig, Overrides
-from dualpath.duo import NAMES
-from dualpath.search import DuoSearchModel, PatternEvaluator, SearchSpace, search
+from dualpath import DualPathLM, ModelConfig
+from dualpath.model import NAMES
+from dualpath.routing.adapters import DuoSearchModel
+from dualpath.routing.search import PatternEvaluator, SearchSpace, search
 
 from .common import write
 
@@ -71,7 +72,7 @@ def naive_forward(model, batch, patterns) -> list[float]:
     with torch.inference_mode():
         for p in patterns:
             mask = torch.tensor([NAMES.index(c) for c in p]).view(L, 1, 1).expand(L, B, T)
-            out.append(model(x, y, overrides=Overrides(duo_choice=mask)).loss.item())
+            out.append(model(x, y, choices=mask).loss.item())
     return out
 
 

@@ -14,9 +14,10 @@ import pytest
 import dualpath.data.prepare as prep_mod
 import dualpath.data.shards as shards_mod
 import dualpath.data.sources as src_mod
-from dualpath.data.prepare import ValSelector, load_meta, load_tokenizer, prepare, train_tokenizer
+from dualpath.data.prepare import ValSelector, load_meta, prepare
+from dualpath.data.tokenizer import load_tokenizer, token_byte_lengths, train_tokenizer
 from dualpath.data.shards import (HEADER_BYTES, MAGIC, ShardWriter, TokenShards, WindowSampler, read_shard,
-                                  token_byte_lengths, write_shard)
+                                  write_shard)
 from dualpath.data.sources import (DatasetsSource, HFSource, JsonlSource, SyntheticSource, TextSource,
                                    decode_escapes, mixed_documents, parse_source)
 from dualpath.errors import DataError

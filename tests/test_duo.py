@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from dualpath import DualPathLM, ModelConfig, Overrides
+from dualpath import DualPathLM, ModelConfig
 from dualpath.checkpoint import save_checkpoint
 from dualpath.config import RunConfig
 from dualpath.data.shards import write_shard
-from dualpath.duo import BIG, SKIP, SMALL, parse_pattern, pattern_string, realised_flops
-from dualpath.duo_tools import (check_budgets, evaluate_routed, gate_search, oracle, report, run_oracle, run_report,
+from dualpath.model import BIG, SKIP, SMALL, parse_pattern, pattern_string, realised_flops
+from dualpath.routing import (check_budgets, evaluate_routed, gate_search, oracle, report, run_oracle, run_report,
                                 run_train_router, train_router)
 from dualpath.errors import CheckpointError, ConfigError, DualPathError
-from dualpath.search import (DualSearchModel, DuoSearchModel, PatternEvaluator, SearchSpace, beam_search,
-                             pattern_from_string, search)
+from dualpath.routing.adapters import DualSearchModel, DuoSearchModel
+from dualpath.routing.search import PatternEvaluator, SearchSpace, beam_search, pattern_from_string, search
 
 from helpers import perturb_
 
@@ -82,7 +82,7 @@ def test_all_big_pattern_equals_a_dense_model():
     x = tokens(3)
     ref = dense(x).logits
     mask = torch.zeros(L, 3, T, dtype=torch.long)
-    torch.testing.assert_close(duo(x, overrides=Overrides(duo_choice=mask)).logits, ref, **TIGHT)
+    torch.testing.assert_close(duo(x, choices=mask).logits, ref, **TIGHT)
     pat = DualPathLM(duo_cfg(duo_policy="pattern", duo_pattern="B" * L)).eval()
     pat.load_state_dict(duo.state_dict())
     torch.testing.assert_close(pat(x).logits, ref, **TIGHT)
@@ -100,7 +100,7 @@ def test_gather_scatter_routing_equals_masked_dense_computation(skip_whole_layer
     x = tokens(B, seed=2)
     choice = torch.randint(0, 3, (L, B, T), generator=torch.Generator().manual_seed(3))
     choice[0, 0] = BIG  # a row with a single choice, and a layer with all three
-    out = model(x, overrides=Overrides(duo_choice=choice), return_diagnostics=True)
+    out = model(x, choices=choice, return_diagnostics=True)
     with torch.no_grad():
         h = model.embed(x)
         rope = (model.rope_cos[:T], model.rope_sin[:T])
@@ -147,7 +147,7 @@ def brute_force(model, batches, patterns):
         for p in patterns:
             codes = torch.tensor(parse_pattern(p, L))
             per_pattern.append(torch.cat([
-                model(x, y, overrides=Overrides(duo_choice=codes.view(L, 1, 1).expand(L, *x.shape)),
+                model(x, y, choices=codes.view(L, 1, 1).expand(L, *x.shape),
                       return_per_token_loss=True).per_token_loss for x, y in batches]))
     losses = torch.stack(per_pattern)  # (P, N, T)
     valid = torch.cat([y != -1 for _, y in batches])
@@ -291,7 +291,7 @@ def test_dual_path_plugs_into_the_search():
     x = tokens(2, seed=9)
     learned = model(x, return_diagnostics=True).diagnostics
     lc = [None, "deep-favoured", "wide-favoured"]
-    forced = model(x, overrides=Overrides(layer_choice=lc), return_diagnostics=True).diagnostics
+    forced = model(x, choices=lc, return_diagnostics=True).diagnostics
     total = learned[1]["gate_deep"] + learned[1]["gate_wide"]
     torch.testing.assert_close(forced[1]["gate_deep"], total, **TIGHT)  # the whole gate sum moves to deep
     assert torch.count_nonzero(forced[1]["gate_wide"]) == 0

@@ -35,7 +35,7 @@ def _torchrun(tmp_path, data_dir, name, **train):
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dualpath.train", str(path)]
+           "-m", "dualpath", "train", str(path)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if r.returncode != 0 and ("address already in use" in r.stderr.lower() or "rendezvous" in r.stderr.lower()):
         # a port taken between torchrun choosing it and binding it is the machine's, not the trainer's, failure

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dualpath.cli import main
-from dualpath.evaluate import evaluate_examples, evaluate_text, load_tokenizer, score_sequences
+from dualpath.eval.evaluate import evaluate_examples, evaluate_text, load_tokenizer, score_sequences
 from dualpath.generate import generate, generate_tokens, sample_next
 from dualpath.model import Overrides
 
@@ -176,7 +176,7 @@ def test_cli_error_exit_code_in_a_real_process(tmp_path):
 
 
 def test_datasets_with_the_same_stem_keep_separate_columns(tokenizer_json, tmp_path):
-    from dualpath.evaluate import evaluate_datasets
+    from dualpath.eval.evaluate import evaluate_datasets
 
     tok = load_tokenizer(tokenizer_json.parent)
     model = perturbed_model(tiny_config("wide"), seed=10)
@@ -191,7 +191,7 @@ def test_datasets_with_the_same_stem_keep_separate_columns(tokenizer_json, tmp_p
 
 
 def test_text_limit_scores_exactly_that_many_windows(tokenizer_json, tmp_path):
-    from dualpath.evaluate import evaluate_datasets
+    from dualpath.eval.evaluate import evaluate_datasets
 
     tok = load_tokenizer(tokenizer_json.parent)
     model = perturbed_model(tiny_config("wide"), seed=11)

@@ -1,5 +1,5 @@
 """lm-evaluation-harness: the dualpath tasks (src/dualpath/tasks) on an exported model (`--model hf`) and the
-native `--model dualpath` (dualpath.lm_eval_model), offline, on tiny models and a few documents.
+native `--model dualpath` (dualpath.eval.lm_eval), offline, on tiny models and a few documents.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ pytest.importorskip("accelerate")  # lm-eval's hf model imports it
 sys.path.insert(0, str(Path(__file__).parent))
 from test_hf_export import make_checkpoint, train_test_tokenizer  # noqa: E402
 
-import dualpath.lm_eval_model  # noqa: E402,F401  (registers --model dualpath)
+import dualpath.eval.lm_eval  # noqa: E402,F401  (registers --model dualpath)
 from dualpath.errors import DataError, DualPathError  # noqa: E402
 from dualpath.hf import export_hf  # noqa: E402
-from dualpath.lm_eval_model import DualPathEvalLM  # noqa: E402
-from dualpath.tasks import TASKS_DIR, task_manager  # noqa: E402
-from dualpath.tasks import utils as task_utils  # noqa: E402
+from dualpath.eval.lm_eval import DualPathEvalLM  # noqa: E402
+from dualpath.eval.tasks import TASKS_DIR, task_manager  # noqa: E402
+from dualpath.eval.tasks import utils as task_utils  # noqa: E402
 
 DATA = Path("/work/shared/data")
 GSM8K = DATA / "gsm8k" / "test.jsonl"
@@ -71,7 +71,7 @@ def test_native_model_is_registered_without_hiding_builtin_models():
 
     assert get_model("dualpath") is DualPathEvalLM
     assert get_model("hf").__name__ == "HFLM"
-    dualpath.lm_eval_model.register()  # idempotent
+    dualpath.eval.lm_eval.register()  # idempotent
     assert get_model("dualpath") is DualPathEvalLM
 
 
@@ -337,7 +337,7 @@ def test_lm_eval_cli_hf(world, tmp_path):
 def test_lm_eval_cli_native_wrapper(world, tmp_path):
     f = tmp_path / "small.txt"
     f.write_text("First Citizen:\nBefore we proceed.\n\nAll:\nSpeak, speak.\n")
-    cmd = [sys.executable, "-m", "dualpath.lm_eval_model", "--model", "dualpath", "--model_args",
+    cmd = [sys.executable, "-m", "dualpath.eval.lm_eval", "--model", "dualpath", "--model_args",
            f"checkpoint={world['run']},K=1,gates=both=0.5", "--device", "cpu", "--tasks", "dualpath_text_ppl",
            "--metadata", json.dumps({"text_path": str(f)}), "--output_path", str(tmp_path / "out")]
     res = _run(cmd, tmp_path)["results"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dualpath import DualPathLM, KVCache, ModelConfig, Overrides
+from dualpath import DualPathLM, KVCache, ModelConfig, Overrides, TokenChoice
 
 from helpers import perturb_
 
@@ -389,7 +389,7 @@ def test_token_mask_changes_only_masked_gates(to):
     mask[1, [12]] = True
     with torch.no_grad():
         base = model(idx, return_diagnostics=True)
-        got = model(idx, overrides=Overrides(token_mask=mask, token_mask_to=to), return_diagnostics=True)
+        got = model(idx, choices=[TokenChoice(mask, to)] * len(model.layers), return_diagnostics=True)
     const_d, const_w = (1.0, 0.0) if to == "deep" else (0.0, 1.0)
     for li, (bd, gd) in enumerate(zip(base.diagnostics, got.diagnostics)):
         assert (gd["gate_deep"][mask] == const_d).all() and (gd["gate_wide"][mask] == const_w).all()
@@ -412,15 +412,15 @@ def test_layer_choice_moves_the_gate_sum_to_one_path():
     idx = tokens(2, 12, seed=18)
     with torch.no_grad():
         base = model(idx, return_diagnostics=True)
-        deep = model(idx, overrides=Overrides(layer_choice=["deep-favoured", "learned"]), return_diagnostics=True)
-        wide = model(idx, overrides=Overrides(layer_choice=["wide-favoured", None]), return_diagnostics=True)
+        deep = model(idx, choices=["deep-favoured", "learned"], return_diagnostics=True)
+        wide = model(idx, choices=["wide-favoured", None], return_diagnostics=True)
     total = base.diagnostics[0]["gate_deep"] + base.diagnostics[0]["gate_wide"]
     assert torch.equal(deep.diagnostics[0]["gate_deep"], total)
     assert not deep.diagnostics[0]["gate_wide"].any()
     assert torch.equal(wide.diagnostics[0]["gate_wide"], total)
     assert not wide.diagnostics[0]["gate_deep"].any()
     with pytest.raises(ValueError):
-        model(idx, overrides=Overrides(layer_choice=["sideways", None]))
+        model(idx, choices=["sideways", None])
 
 
 @pytest.mark.parametrize("K", [0, 7, 100])

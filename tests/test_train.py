@@ -31,8 +31,10 @@ from safetensors.torch import load_file
 from dualpath import checkpoint as ckpt_io
 from dualpath.cli import main as cli_main
 from dualpath.config import ModelConfig, OptimConfig
-from dualpath.data.prepare import load_tokenizer, prepare
-from dualpath.data.shards import TokenShards, WindowSampler, token_byte_lengths, write_shard
+from dualpath.data.prepare import prepare
+from dualpath.data.tokenizer import load_tokenizer
+from dualpath.data.shards import TokenShards, WindowSampler, write_shard
+from dualpath.data.tokenizer import token_byte_lengths
 from dualpath.model import DualPathLM
 from dualpath.train import build_optimizer, lr_at, param_groups
 
@@ -271,11 +273,11 @@ def test_ddp_two_ranks_equals_single_process_accum(data_dir, tmp_path):
     cfg1 = write_config(tmp_path / "single.yaml", data_dir, single, train={"grad_accum": 2, "steps": steps})
     ddp = tmp_path / "ddp"
     cfg2 = write_config(tmp_path / "ddp.yaml", data_dir, ddp, train={"grad_accum": 1, "steps": steps})
-    p1 = subprocess.run([PY, "-m", "dualpath.train", str(cfg1)], env=sub_env(), capture_output=True, text=True,
+    p1 = subprocess.run([PY, "-m", "dualpath", "train", str(cfg1)], env=sub_env(), capture_output=True, text=True,
                         timeout=300)
     assert p1.returncode == 0, p1.stderr
     p2 = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                         "-m", "dualpath.train", str(cfg2)], env=sub_env(), capture_output=True, text=True,
+                         "-m", "dualpath", "train", str(cfg2)], env=sub_env(), capture_output=True, text=True,
                         timeout=300)
     assert p2.returncode == 0, p2.stdout + p2.stderr
     assert max_abs_diff(weights(single), weights(ddp)) <= 1e-5
@@ -300,13 +302,13 @@ def test_resume_after_sigkill_is_bit_exact(data_dir, tmp_path):
     sections = dict(train={"steps": steps, "save_every": 4, "keep_last": 2, "eval_every": 10})
     ref = tmp_path / "ref"
     cfg_ref = write_config(tmp_path / "ref.yaml", data_dir, ref, **sections)
-    p = subprocess.run([PY, "-m", "dualpath.train", str(cfg_ref)], env=sub_env(), capture_output=True, text=True,
+    p = subprocess.run([PY, "-m", "dualpath", "train", str(cfg_ref)], env=sub_env(), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr
 
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", data_dir, run, **sections)
-    proc = subprocess.Popen([PY, "-m", "dualpath.train", str(cfg)], env=sub_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([PY, "-m", "dualpath", "train", str(cfg)], env=sub_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     latest = run / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
@@ -335,7 +337,7 @@ def test_resume_after_sigkill_is_bit_exact(data_dir, tmp_path):
     (decoy / "model.safetensors").write_bytes(b"half-written")
     assert ckpt_io.find_latest(run) == ckpt
 
-    p = subprocess.run([PY, "-m", "dualpath.train", str(cfg), "--resume", "auto"], env=sub_env(),
+    p = subprocess.run([PY, "-m", "dualpath", "train", str(cfg), "--resume", "auto"], env=sub_env(),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     start = [r for r in records(run) if r.get("event") == "start"][-1]
@@ -728,10 +730,10 @@ def test_error_resume_from_corrupt_checkpoint(finished_run, tmp_path, capsys, vi
 
 
 def test_error_paths_in_a_real_process(data_dir, tmp_path):
-    """Exit code 2 and one line, no traceback, from a real `python -m dualpath.train` process."""
+    """Exit code 2 and one line, no traceback, from a real `python -m dualpath train` process."""
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", data_dir, out)
-    p = subprocess.run([PY, "-m", "dualpath.train", str(cfg), "model.vocab_size=256"], env=sub_env(),
+    p = subprocess.run([PY, "-m", "dualpath", "train", str(cfg), "model.vocab_size=256"], env=sub_env(),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert "vocabulary mismatch" in one_line_error(p.stderr)
@@ -744,7 +746,7 @@ def test_error_paths_in_a_real_process(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_quick_demo(tmp_path):
-    from dualpath.demo import run_demo
+    from dualpath.experiments.demo import run_demo
 
     lines = []
     result = run_demo(tmp_path / "demo", quick=True, log=lambda *a: lines.append(" ".join(map(str, a))))

@@ -34,6 +34,11 @@ def weights_for_saving(state: dict, cfg: RunConfig) -> dict:
     return state
 
 
+def write_config(path: str | Path, cfg: RunConfig) -> None:
+    """The whole config tree with its version, as YAML (atomically): a run's and a checkpoint's config.yaml."""
+    atomic_write_text(path, yaml.safe_dump({"config_version": CONFIG_VERSION, **to_dict(cfg)}, sort_keys=False))
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, cfg: RunConfig, *,
                     optimizer_state: dict | None = None, trainer_state: dict | None = None,
                     files: dict[str, Path] | None = None, keep_last: int = 2) -> Path:
@@ -51,8 +56,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, cfg: RunC
         torch.save(optimizer_state, tmp / "optimizer.pt")
     if trainer_state is not None:
         torch.save(trainer_state, tmp / "trainer_state.pt")
-    (tmp / "config.yaml").write_text(yaml.safe_dump({"config_version": CONFIG_VERSION, **to_dict(cfg)},
-                                                    sort_keys=False))
+    write_config(tmp / "config.yaml", cfg)
     for name, src in (files or {}).items():
         if src is not None and Path(src).is_file():
             shutil.copyfile(src, tmp / name)
@@ -143,18 +147,22 @@ def load_torch(path: Path):
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Build the model stored at `path` (run, checkpoints or step folder). Returns (model, config, folder)."""
-    from .model import DualPathLM
-
     ckpt = resolve(path)
     cfg = load_config(ckpt)
     try:
         cfg.model.validate()
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
-    model = DualPathLM(cfg.model)
+    model = cfg.model.build()
+    load_model_state(ckpt, model)
+    return model.to(device).eval(), cfg, ckpt
+
+
+def load_model_state(ckpt: Path, model: torch.nn.Module) -> None:
+    """The weights of checkpoint `ckpt` into `model` (a tied LM head is restored from embed.weight)."""
     state = load_weights(ckpt)
-    if cfg.model.tie_embeddings:
-        state.setdefault("lm_head.weight", state.get("embed.weight"))
+    if "lm_head.weight" not in state and "embed.weight" in state:
+        state["lm_head.weight"] = state["embed.weight"]
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -167,4 +175,3 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
             raise CheckpointError(f"weights in {ckpt}: {k} has shape {tuple(v.shape)}, the config builds "
                                   f"{tuple(expected[k].shape)}")
     model.load_state_dict(state)
-    return model.to(device).eval(), cfg, ckpt

@@ -131,7 +131,7 @@ def cmd_prepare(args) -> int:
 
 def _load_for_inference(path: str):
     from .checkpoint import load_model
-    from .evaluate import check_tokenizer, load_tokenizer
+    from .eval.evaluate import check_tokenizer, load_tokenizer
 
     model, cfg, ckpt = load_model(path)
     tokenizer = load_tokenizer(ckpt)
@@ -148,7 +148,7 @@ def _int_list(text: str) -> list[int]:
 
 def cmd_eval(args) -> int:
     from .checkpoint import atomic_write_text
-    from .evaluate import evaluate_datasets, results_markdown
+    from .eval.evaluate import evaluate_datasets, results_markdown
 
     model, tokenizer, ckpt = _load_for_inference(args.checkpoint)
     gates = [g for g in (args.gates or "").split(",") if g] if args.gates else None
@@ -182,8 +182,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import aggregate, check_run_folders, dry_run, emit_configs, load_sweep, plan, run_sweep
+    from .experiments.sweep import (aggregate, check_run_folders, dry_run, emit_configs, load_sweep, plan, run_sweep,
+                                    train_and_eval)
 
+    if args.run_one:  # one run of a sweep, in the child process the sweep started
+        train_and_eval(args.config, args.eval, args.eval_limit)
+        return 0
     sweep = load_sweep(args.config, args.overrides)
     if args.emit_configs:
         for path in emit_configs(sweep, args.emit_configs, source=args.config):
@@ -219,7 +223,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_lm_eval(args) -> int:
-    from .lm_eval_model import main as lm_eval_main
+    from .eval.lm_eval import main as lm_eval_main
 
     return lm_eval_main(args.rest)
 
@@ -234,7 +238,7 @@ def _duo_common(args) -> dict:
 
 
 def cmd_duo_oracle(args) -> int:
-    from .duo_tools import run_oracle
+    from .routing import run_oracle
 
     res = run_oracle(args.checkpoint, args.data, args.budgets, args.out, with_skip=args.with_skip,
                      max_patterns=args.max_patterns, beam=args.beam, **_duo_common(args))
@@ -243,7 +247,7 @@ def cmd_duo_oracle(args) -> int:
 
 
 def cmd_duo_gates(args) -> int:
-    from .duo_tools import run_gate_search
+    from .routing import run_gate_search
 
     res = run_gate_search(args.checkpoint, args.data, args.out, max_patterns=args.max_patterns, beam=args.beam,
                           **_duo_common(args))
@@ -252,7 +256,7 @@ def cmd_duo_gates(args) -> int:
 
 
 def cmd_duo_train_router(args) -> int:
-    from .duo_tools import run_train_router
+    from .routing import run_train_router
 
     common = _duo_common(args)
     common["eval_sequences"] = common.pop("max_sequences")
@@ -267,7 +271,7 @@ def cmd_duo_train_router(args) -> int:
 
 
 def cmd_duo_report(args) -> int:
-    from .duo_tools import run_report
+    from .routing import run_report
 
     run_report(args.checkpoint, args.data, args.budgets, args.out, random_trials=args.random_trials,
                routers=args.router or [], router_steps=args.router_steps, with_skip=args.with_skip,
@@ -278,7 +282,7 @@ def cmd_duo_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .experiments.demo import run_demo
 
     run_demo(args.out, quick=args.quick)
     return 0
@@ -316,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("train", help="train a model (torchrun: python -m dualpath.train ...)")
+    s = sub.add_parser("train", help="train a model (distributed: torchrun --nproc_per_node N -m dualpath train ...)")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3 model.K=3")
     s.add_argument("--steps", type=int)
@@ -425,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the grid, params, FLOPs and estimated time")
     s.add_argument("--aggregate-only", action="store_true", help="only rebuild results.csv/.md and plots")
     s.add_argument("--emit-configs", metavar="DIR", help="write one training config per grid point")
+    # internal: the child process of one run (CONFIG is then the run's run.yaml)
+    s.add_argument("--run-one", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--eval", action="append", default=[], help=argparse.SUPPRESS)
+    s.add_argument("--eval-limit", type=int, default=0, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("export", help="export a checkpoint (--hf: a Hugging Face transformers folder)")

@@ -15,3 +15,13 @@ class DataError(DualPathError):
 
 class CheckpointError(DualPathError):
     """A missing, corrupt or incompatible checkpoint."""
+
+
+def check_one_of(key: str, value, allowed: tuple) -> None:
+    """ConfigError naming the key, the allowed values and the nearest one, unless value is allowed."""
+    if value not in allowed:
+        import difflib
+
+        hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        more = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(f"{key}='{value}' is not one of {', '.join(map(str, allowed))}{more}")

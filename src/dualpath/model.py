@@ -28,9 +28,118 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .errors import ConfigError, check_one_of as _one_of
 
 CONVENTIONS = ("paper", "true")
+ARCHS = ("wide", "loop", "dual", "duo")
+GATE_MODES = ("two_gates", "convex", "softmax", "fixed")
+
+
+@dataclass
+class ModelConfig:
+    """The backbone and the architecture. Names follow the Dual-Path paper (arXiv 2605.30202)."""
+
+    arch: str = "dual"  # wide | loop | dual | duo
+    vocab_size: int = 50304
+    d_model: int = 768
+    n_layers: int = 16
+    n_heads: int = 12
+    n_kv_heads: int = 12
+    seq_len: int = 4096  # longest context; RoPE tables are built for it
+    rope_base: float = 500000.0
+    qk_norm: bool = True
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # Configured SwiGLU widths (before the 2/3 reduction); the built hidden width is
+    # ffn_multiple * ceil(floor(2*d_ffn/3) / ffn_multiple).
+    d_ffn_deep: int = 0  # loop and dual
+    d_ffn_wide: int = 0  # wide and dual
+    ffn_multiple: int = 256
+    # Branch gains s = softplus(beta) (wide) and softplus(a_k) (per loop step).
+    branch_scale_init: float = -7.0
+    wide_gain: bool = True  # False: plain transformer block, s = 1
+    K: int = 4  # loop steps of the deep path
+    max_loops: int = 16  # step gains kept, so K can be raised at inference
+    ponder_weight: float = 0.0  # weight of the expected-steps penalty
+    gate_mode: str = "two_gates"  # two_gates | convex | softmax | fixed
+    fixed_gate_deep: float = 0.5  # gate_mode=fixed
+    fixed_gate_wide: float = 0.5
+    # Duo-LLM (arch=duo): big/small FFN per layer, or skip.
+    d_ffn_big: int = 0
+    d_ffn_small: int = 0  # 0: d_ffn_big // 16
+    skip_whole_layer: bool = False  # skip bypasses attention too
+    duo_policy: str = "random"  # random | pattern | router (a mask is passed at call time)
+    duo_granularity: str = "token"  # random policy: token | sequence
+    p_big: float = 0.5
+    p_small: float = 0.5
+    p_skip: float = 0.0
+    duo_pattern: str = ""  # pattern policy: one letter per layer, B(ig) S(mall) X (skip)
+    router_temperature: float = 1.0  # router policy: P_big = σ(logit / τ); hard decisions when router_hard
+    router_hard: bool = True
+
+    def validate(self) -> "ModelConfig":
+        _one_of("model.arch", self.arch, ARCHS)
+        _one_of("model.gate_mode", self.gate_mode, GATE_MODES)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "seq_len", "ffn_multiple"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError(f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}")
+        if self.K < 1:
+            raise ConfigError(f"model.K must be >= 1, got {self.K}")
+        if self.max_loops < self.K:
+            raise ConfigError(f"model.max_loops={self.max_loops} must be >= model.K={self.K}")
+        if self.rope_base <= 0:
+            raise ConfigError(f"model.rope_base must be > 0, got {self.rope_base}")
+        if self.ponder_weight < 0:
+            raise ConfigError(f"model.ponder_weight must be >= 0, got {self.ponder_weight}")
+        need = {"wide": ("d_ffn_wide",), "loop": ("d_ffn_deep",), "dual": ("d_ffn_deep", "d_ffn_wide"),
+                "duo": ("d_ffn_big",)}[self.arch]
+        for name in need:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1 for arch={self.arch}, got {getattr(self, name)}")
+        if self.arch == "duo":
+            if self.small_width() < 1:
+                raise ConfigError(f"model.d_ffn_small must be >= 1, got {self.small_width()}")
+            _one_of("model.duo_policy", self.duo_policy, ("random", "pattern", "router"))
+            _one_of("model.duo_granularity", self.duo_granularity, ("token", "sequence"))
+            probs = (self.p_big, self.p_small, self.p_skip)
+            if min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+                raise ConfigError(f"model.p_big + p_small + p_skip must be 1 with each >= 0, got {probs}")
+            if self.duo_policy == "pattern":
+                parse_pattern(self.duo_pattern, self.n_layers)
+            if self.router_temperature <= 0:
+                raise ConfigError(f"model.router_temperature must be > 0, got {self.router_temperature}")
+        return self
+
+    def small_width(self) -> int:
+        return self.d_ffn_small or self.d_ffn_big // 16
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def build(self, device: str | torch.device | None = None) -> "DualPathLM":
+        """The model this config describes (OLMo-core style `Config.build()`)."""
+        if device is None:
+            return DualPathLM(self)
+        with torch.device(device):
+            return DualPathLM(self)
+
+    # torchtitan-style: the config answers parameter and FLOP questions without allocating weights.
+    def meta_model(self) -> "DualPathLM":
+        return self.build("meta")
+
+    def num_params(self) -> dict[str, int]:
+        return self.meta_model().param_counts()
+
+    def flops_per_token(self, seq_len: int | None = None, convention: str = "true") -> float:
+        return self.meta_model().flops_per_token(seq_len or self.seq_len, convention=convention)
 
 
 def swiglu_hidden(d_ffn: int, multiple: int) -> int:
@@ -49,38 +158,69 @@ def _check_convention(convention: str) -> None:
 
 @dataclass
 class Overrides:
-    """Inference overrides. All None means the model as trained, at no extra cost.
+    """The paper's inference ablations. All None means the model as trained, at no extra cost.
 
-    K:            run the deep path for this many steps (<= max_loops).
-    gates:        "deep-only" (1, 0), "wide-only" (0, 1), "both=C" (C, C) or "shuffled" (gates permuted
-                  across all tokens of the batch, per layer).
-    token_mask:   bool (B, T); where True, the gates are forced to `token_mask_to`.
-    token_mask_to "deep" or "wide".
-    layer_choice: per-layer list of None | "learned" | "deep-favoured" | "wide-favoured"; the favoured
-                  choices keep g_d + g_w and move all of it to one path (used by the routing search).
-    duo_choice:   Duo-LLM routing, long tensor (n_layers, B, T) of 0=big, 1=small, 2=skip.
-    seed:         seed of the gate shuffle.
+    K:      run the deep path for this many steps (<= max_loops).
+    gates:  "deep-only" (1, 0), "wide-only" (0, 1), "both=C" (C, C) or "shuffled" (gates permuted across
+            all tokens of the batch, per layer, with `seed`).
+
+    Per-layer choices (routing search, Duo masks, analysis hooks) are not overrides: they reach a layer
+    through the `choices` argument of `DualPathLM.forward` (see "Layer choices" below).
     """
 
     K: int | None = None
     gates: str | None = None
-    token_mask: torch.Tensor | None = None
-    token_mask_to: str = "wide"
-    layer_choice: list | None = None
-    duo_choice: torch.Tensor | None = None
     seed: int = 0
 
     def gate_constants(self) -> tuple[float, float] | None:
-        if self.gates in (None, "shuffled"):
-            return None
-        if self.gates == "deep-only":
-            return (1.0, 0.0)
-        if self.gates == "wide-only":
-            return (0.0, 1.0)
-        if self.gates.startswith("both="):
-            c = float(self.gates.split("=", 1)[1])
-            return (c, c)
-        raise ValueError(f"unknown gate override '{self.gates}' (deep-only, wide-only, both=C, shuffled)")
+        return None if self.gates in (None, "shuffled") else parse_gate_override(self.gates)
+
+
+def parse_gate_override(text: str) -> tuple[float, float]:
+    """(g_d, g_w) of a constant gate override: deep-only, wide-only or both=C with C in [0, 1]."""
+    if text == "deep-only":
+        return (1.0, 0.0)
+    if text == "wide-only":
+        return (0.0, 1.0)
+    if text.startswith("both="):
+        raw = text.split("=", 1)[1]
+        try:
+            c = float(raw)
+        except ValueError:
+            raise ConfigError(f"gate override '{text}': '{raw}' is not a number") from None
+        return (c, c)
+    raise ConfigError(f"unknown gate override '{text}' (deep-only, wide-only, both=C, shuffled)")
+
+
+def check_gate_override(text: str) -> str:
+    """The override itself if valid (constant modes or 'shuffled'), else a ConfigError naming it."""
+    if text != "shuffled":
+        parse_gate_override(text)
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer choices: the one interface through which per-layer routing reaches a layer.
+#
+# `DualPathLM.forward(..., choices=[c_0, ..., c_{L-1}])` hands c_i to layer i; None is the layer as
+# trained. What a layer accepts:
+#   dual   "learned" | "deep-favoured" | "wide-favoured" (keep g_d + g_w per token, move it all to one
+#          path) | TokenChoice(mask, "deep" | "wide") (force the gates of the masked tokens to (1, 0) / (0, 1))
+#   duo    "big" | "small" | "skip", or a long tensor (B, T) of BIG / SMALL / SKIP codes
+#   wide, loop: no choices.
+# `layer.step_many(x, rope, choices)` returns the layer's output under several whole-batch choices from
+# one input, computing what the siblings share once (the routing search's prefix sharing relies on it).
+
+
+@dataclass
+class TokenChoice:
+    """A per-token choice: where `mask` (bool, B×T) is True the layer takes `choice`."""
+
+    mask: torch.Tensor
+    choice: str
+
+
+DUAL_CHOICES = ("learned", "deep-favoured", "wide-favoured")
 
 
 NO_OVERRIDES = Overrides()
@@ -114,6 +254,8 @@ class KVCache:
 
 
 class RMSNorm(nn.RMSNorm):
+    param_roles = {"weight": "norm"}
+
     def flops_per_token(self, seq_len: int, convention: str = "true") -> float:
         return 0.0  # elementwise, not a matmul
 
@@ -228,6 +370,8 @@ class HaltingRouter(nn.Module):
     onto every hidden state while computing exactly the same linear map.
     """
 
+    param_roles = {"weight": "router", "bias": "router_bias"}
+
     def __init__(self, d_model: int):
         super().__init__()
         self.d_model = d_model
@@ -249,6 +393,9 @@ class LoopPath(nn.Module):
     h⁰ = x,  hᵏ = Φ_deep(hᵏ⁻¹; softplus(a_k)),  π_k = Π_{j<k}(1 − q_j),
     h_deep = Σ_{k<K} π_k q_k hᵏ + π_K h^K.   (The last step takes the remaining mass, so q_K is not needed.)
     """
+
+    param_part = "deep"
+    param_roles = {"step_gain": "gain"}
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -298,6 +445,9 @@ class LoopPath(nn.Module):
 class WidePath(nn.Module):
     """The wide sublayer: its own attention and an enlarged SwiGLU, applied once with gain softplus(β)."""
 
+    param_part = "wide"
+    param_roles = {"beta": "gain"}
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.block = Block(cfg, cfg.d_ffn_wide)
@@ -319,6 +469,8 @@ class Gate(nn.Module):
     convex: one logit, g_w = 1 − g_d.  softmax: softmax over the two logits.  fixed: constants.
     W_g and b_g start at zero, so every gate starts at 0.5.
     """
+
+    param_roles = {"W_g": "gate", "b_g": "gate"}
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -349,7 +501,12 @@ class Gate(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Layers: one per architecture. Each takes (x, rope, overrides, cache, diag) and returns y.
+# Layers: one per architecture. Each takes (x, rope, overrides, cache, diag, choice) and returns y.
+
+
+def _no_choices(layer, choice):
+    if choice is not None:
+        raise ValueError(f"a {type(layer).__name__} takes no layer choice, got {choice!r}")
 
 
 class WideLayer(nn.Module):
@@ -358,7 +515,8 @@ class WideLayer(nn.Module):
         self.index = index
         self.wide = WidePath(cfg)
 
-    def forward(self, x, rope, ov: Overrides, cache=None, diag=None):
+    def forward(self, x, rope, ov: Overrides, cache=None, diag=None, choice=None):
+        _no_choices(self, choice)
         y = self.wide(x, rope, cache, self.index)
         if diag is not None:
             diag["delta_norm_wide"] = (y - x).norm(dim=-1)
@@ -374,7 +532,8 @@ class LoopLayer(nn.Module):
         self.index = index
         self.deep = LoopPath(cfg)
 
-    def forward(self, x, rope, ov: Overrides, cache=None, diag=None):
+    def forward(self, x, rope, ov: Overrides, cache=None, diag=None, choice=None):
+        _no_choices(self, choice)
         y = self.deep(x, rope, ov.K, cache, self.index, diag)
         if diag is not None:
             diag["delta_norm_deep"] = (y - x).norm(dim=-1)
@@ -387,6 +546,8 @@ class LoopLayer(nn.Module):
 class DualLayer(nn.Module):
     """y = g_d ⊙ h_deep + g_w ⊙ h_wide. Both paths are full residual states, so at init y ≈ x."""
 
+    choices = DUAL_CHOICES
+
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
         self.index = index
@@ -394,7 +555,8 @@ class DualLayer(nn.Module):
         self.wide = WidePath(cfg)
         self.gate = Gate(cfg)
 
-    def gates(self, x, ov: Overrides):
+    def gates(self, x, ov: Overrides, choice=None):
+        """(g_d, g_w) per token: the learned gates, then the override, then the layer choice."""
         g_d, g_w = self.gate(x)
         const = ov.gate_constants()
         if const is not None:
@@ -404,30 +566,43 @@ class DualLayer(nn.Module):
             perm = torch.randperm(g_d.numel(), generator=gen).to(g_d.device)
             g_d = g_d.reshape(-1)[perm].view_as(g_d)
             g_w = g_w.reshape(-1)[perm].view_as(g_w)
-        choice = ov.layer_choice[self.index] if ov.layer_choice is not None else None
+        return self.apply_choice(g_d, g_w, choice)
+
+    @staticmethod
+    def apply_choice(g_d, g_w, choice):
+        """The gates under a layer choice (see "Layer choices" above)."""
+        if choice is None or choice == "learned":
+            return g_d, g_w
+        if isinstance(choice, TokenChoice):
+            if choice.choice not in ("deep", "wide"):
+                raise ValueError(f"unknown per-token gate choice '{choice.choice}' (deep, wide)")
+            m = choice.mask.to(device=g_d.device, dtype=torch.bool)
+            to_deep = choice.choice == "deep"
+            g_d = torch.where(m, torch.full_like(g_d, 1.0 if to_deep else 0.0), g_d)
+            g_w = torch.where(m, torch.full_like(g_w, 0.0 if to_deep else 1.0), g_w)
+            return g_d, g_w
         if choice in ("deep-favoured", "wide-favoured"):
             total = g_d + g_w
             zero = torch.zeros_like(total)
-            g_d, g_w = (total, zero) if choice == "deep-favoured" else (zero, total)
-        elif choice not in (None, "learned"):
-            raise ValueError(f"unknown layer choice '{choice}'")
-        if ov.token_mask is not None:
-            m = ov.token_mask.to(device=g_d.device, dtype=torch.bool)
-            to_deep = ov.token_mask_to == "deep"
-            g_d = torch.where(m, torch.full_like(g_d, 1.0 if to_deep else 0.0), g_d)
-            g_w = torch.where(m, torch.full_like(g_w, 0.0 if to_deep else 1.0), g_w)
-        return g_d, g_w
+            return (total, zero) if choice == "deep-favoured" else (zero, total)
+        raise ValueError(f"unknown layer choice '{choice}' ({', '.join(DUAL_CHOICES)})")
 
-    def forward(self, x, rope, ov: Overrides, cache=None, diag=None):
-        g_d, g_w = self.gates(x, ov)
+    @staticmethod
+    def mix(x, g_d, h_deep, g_w, h_wide):
+        """g_d ⊙ h_deep + g_w ⊙ h_wide, where a path that was not computed (None) counts as zero."""
+        y = g_d.unsqueeze(-1) * h_deep if h_deep is not None else torch.zeros_like(x)
+        if h_wide is not None:
+            y = torch.addcmul(y, g_w.unsqueeze(-1), h_wide)
+        return y
+
+    def forward(self, x, rope, ov: Overrides, cache=None, diag=None, choice=None):
+        g_d, g_w = self.gates(x, ov, choice)
         # A path whose gate is a constant zero is skipped, unless a cache or diagnostics need it.
         const = ov.gate_constants()
         need_all = diag is not None or cache is not None
         h_deep = self.deep(x, rope, ov.K, cache, self.index, diag) if need_all or not const or const[0] else None
         h_wide = self.wide(x, rope, cache, self.index) if need_all or not const or const[1] else None
-        y = g_d.unsqueeze(-1) * h_deep if h_deep is not None else torch.zeros_like(x)
-        if h_wide is not None:
-            y = torch.addcmul(y, g_w.unsqueeze(-1), h_wide)
+        y = self.mix(x, g_d, h_deep, g_w, h_wide)
         if diag is not None:
             dd, dw = h_deep - x, h_wide - x
             diag["gate_deep"], diag["gate_wide"] = g_d, g_w
@@ -436,12 +611,192 @@ class DualLayer(nn.Module):
             diag["wide_gain"] = torch.as_tensor(self.wide.gain()).detach()
         return y
 
+    def step_many(self, x, rope, choices) -> list[torch.Tensor]:
+        """The layer under each whole-batch choice; the gates and each path are computed at most once."""
+        g_d, g_w = self.gate(x)
+        for c in choices:
+            if c not in DUAL_CHOICES:
+                raise ConfigError(f"unknown Dual-Path layer choice '{c}' ({', '.join(DUAL_CHOICES)})")
+        h_deep = self.deep(x, rope, None, None, self.index) if set(choices) - {"wide-favoured"} else None
+        h_wide = self.wide(x, rope, None, self.index) if set(choices) - {"deep-favoured"} else None
+        out = []
+        for c in choices:
+            gd, gw = self.apply_choice(g_d, g_w, c)
+            out.append(self.mix(x, gd, h_deep, gw, h_wide))
+        return out
+
     def flops_per_token(self, seq_len, convention="true", K=None):
         return (self.deep.flops_per_token(seq_len, convention, K) + self.wide.flops_per_token(seq_len, convention)
                 + self.gate.flops_per_token(seq_len, convention))
 
 
-LAYERS = {"wide": WideLayer, "loop": LoopLayer, "dual": DualLayer}
+BIG, SMALL, SKIP = 0, 1, 2
+LETTERS = {"B": BIG, "S": SMALL, "X": SKIP}
+NAMES = ("big", "small", "skip")
+
+
+def parse_letters(pattern: str, n_layers: int, letters: dict[str, str]) -> list[str]:
+    """One choice name per layer from a pattern string, e.g. 'BBSX' with {"B": "big", ...}."""
+    p = pattern.strip().upper()
+    if len(p) != n_layers:
+        raise ConfigError(f"routing pattern '{pattern}' has {len(p)} letters but the model has {n_layers} layers")
+    bad = sorted({c for c in p if c not in letters})
+    if bad:
+        raise ConfigError(f"routing pattern '{pattern}' has unknown choice letter(s) {', '.join(bad)} "
+                          f"(use {', '.join(f'{k} for {v}' for k, v in letters.items())})")
+    return [letters[c] for c in p]
+
+
+def parse_pattern(pattern: str, n_layers: int) -> list[int]:
+    """'BBSX' -> [0, 0, 1, 2]. One letter per layer: B big, S small, X skip."""
+    return [NAMES.index(n) for n in parse_letters(pattern, n_layers, {k: NAMES[v] for k, v in LETTERS.items()})]
+
+
+def _duo_code(name: str) -> int:
+    if name not in NAMES:
+        raise ConfigError(f"unknown Duo choice '{name}' ({', '.join(NAMES)})")
+    return NAMES.index(name)
+
+
+def pattern_string(choices) -> str:
+    inv = {v: k for k, v in LETTERS.items()}
+    return "".join(inv[int(c)] for c in choices)
+
+
+class DuoLayer(nn.Module):
+    """Duo-LLM (Alizadeh et al., arXiv 2410.10846): attention, then per token a big FFN (d_ffn_big), a small
+    FFN (d_ffn_small, default big/16) or skip (identity; with skip_whole_layer attention is bypassed too).
+
+    The choice comes from the `choice` argument (a name or a (B, T) code tensor: oracles, search) or else
+    from the configured policy: random (per token or sequence, p_big/p_small/p_skip: training), pattern
+    (one letter per layer, B/S/X) or router (a learned linear map: P_big = σ(logit / τ); trained soft, a
+    P_big-weighted mixture of both FFNs, evaluated hard). Each FFN runs only on its own tokens (gather,
+    then scatter back), so a small or skipped token really costs less; `realised_flops` counts a batch.
+    """
+
+    choices = NAMES
+    param_part = "duo"
+    param_roles = {"router.weight": "router", "router.bias": "router_bias"}
+
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.cfg, self.index = cfg, index
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn_big = SwiGLU(cfg.d_model, cfg.d_ffn_big, cfg.ffn_multiple)
+        self.ffn_small = SwiGLU(cfg.d_model, cfg.small_width(), cfg.ffn_multiple)
+        self.router = nn.Linear(cfg.d_model, 1, bias=True)
+        self.router_temperature = cfg.router_temperature  # annealed by the router trainer
+        self.router_hard = cfg.router_hard
+        self._pattern = parse_pattern(cfg.duo_pattern, cfg.n_layers) if cfg.duo_policy == "pattern" else None
+
+    @torch.no_grad()
+    def reset_routing_parameters(self):
+        nn.init.zeros_(self.router.weight)
+        nn.init.zeros_(self.router.bias)
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def p_big(self, x):
+        return torch.sigmoid(self.router(x).squeeze(-1) / self.router_temperature)
+
+    def choose(self, x, choice=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(choice (B, T) long, or None for a soft mixture; P_big (B, T) for the router policy)."""
+        B, T, _ = x.shape
+        if isinstance(choice, str):
+            return torch.full((B, T), _duo_code(choice), dtype=torch.long, device=x.device), None
+        if choice is not None:
+            return choice.to(x.device).expand(B, T), None
+        cfg = self.cfg
+        if cfg.duo_policy == "pattern":
+            return torch.full((B, T), self._pattern[self.index], dtype=torch.long, device=x.device), None
+        if cfg.duo_policy == "router":
+            p = self.p_big(x)
+            if self.router_hard:
+                return torch.where(p > 0.5, BIG, SMALL), p
+            return None, p
+        shape = (B, T) if cfg.duo_granularity == "token" else (B, 1)
+        u = torch.rand(shape, device=x.device)
+        choice = torch.where(u < cfg.p_big, BIG, torch.where(u < cfg.p_big + cfg.p_small, SMALL, SKIP))
+        return choice.expand(B, T), None
+
+    def attend(self, x, rope, cache=None):
+        return x + self.attn(self.attn_norm(x), rope, cache, (self.index, "duo", 0))
+
+    def forward(self, x, rope, ov, cache=None, diag=None, choice=None):
+        choice, p = self.choose(x, choice)
+        h = self.attend(x, rope, cache)
+        if choice is not None and self.cfg.skip_whole_layer:
+            h = torch.where((choice == SKIP).unsqueeze(-1), x, h)
+        z = self.ffn_norm(h)
+        if choice is None:  # soft router: both FFNs on every token, mixed by P_big
+            y = h + p.unsqueeze(-1) * self.ffn_big(z) + (1 - p).unsqueeze(-1) * self.ffn_small(z)
+        else:
+            y = h.reshape(-1, h.shape[-1]).clone()
+            flat_z, flat_c = z.reshape(-1, z.shape[-1]), choice.reshape(-1)
+            for module, c in ((self.ffn_big, BIG), (self.ffn_small, SMALL)):
+                rows = (flat_c == c).nonzero().squeeze(1)
+                if rows.numel():
+                    y = y.index_add(0, rows, module(flat_z.index_select(0, rows)))
+            y = y.view_as(h)
+        if diag is not None:
+            if choice is not None:
+                diag["duo_choice"] = choice
+            if p is not None:
+                diag["p_big"] = p
+        return y
+
+    def step_many(self, x, rope, choices) -> list[torch.Tensor]:
+        """The layer under each whole-batch choice; siblings share the attention and the norm."""
+        codes = [_duo_code(c) for c in choices]
+        h = self.attend(x, rope)
+        z = self.ffn_norm(h) if any(c != SKIP for c in codes) else None
+        ffn = {BIG: self.ffn_big, SMALL: self.ffn_small}
+        return [(x if self.cfg.skip_whole_layer else h) if c == SKIP else h + ffn[c](z) for c in codes]
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    def module_flops(self, seq_len: int, convention: str = "true") -> dict[str, float]:
+        """FLOPs per token of each part, from the modules' own accounting."""
+        return {"attn": self.attn.flops_per_token(seq_len, convention),
+                "big": self.ffn_big.flops_per_token(seq_len, convention),
+                "small": self.ffn_small.flops_per_token(seq_len, convention),
+                "router": 0.0 if convention == "paper" else 2.0 * self.cfg.d_model}
+
+    def flops_per_token(self, seq_len: int, convention: str = "true", K=None) -> float:
+        """Expected FLOPs per token under the configured policy (realised_flops counts a real batch)."""
+        f = self.module_flops(seq_len, convention)
+        cfg = self.cfg
+        if cfg.duo_policy == "pattern":
+            c = self._pattern[self.index]
+            probs = [float(c == BIG), float(c == SMALL), float(c == SKIP)]
+        elif cfg.duo_policy == "router":
+            probs = [1.0, 1.0, 0.0] if not self.router_hard else [0.5, 0.5, 0.0]
+        else:
+            probs = [cfg.p_big, cfg.p_small, cfg.p_skip]
+        attn = f["attn"] * (1 - probs[SKIP] if cfg.skip_whole_layer else 1.0)
+        router = f["router"] if cfg.duo_policy == "router" else 0.0
+        return attn + probs[BIG] * f["big"] + probs[SMALL] * f["small"] + router
+
+
+def realised_flops(model, choice: torch.Tensor, seq_len: int, convention: str = "true",
+                   with_router: bool = False) -> float:
+    """Forward FLOPs a batch routed by choice (L, B, T) really spends, including the LM head (true)."""
+    total = 0.0
+    n_tokens = choice[0].numel()
+    for layer, c in zip(model.layers, choice):
+        f = layer.module_flops(seq_len, convention)
+        n_big, n_small, n_skip = (int((c == k).sum()) for k in (BIG, SMALL, SKIP))
+        attn_tokens = n_tokens - n_skip if layer.cfg.skip_whole_layer else n_tokens
+        total += attn_tokens * f["attn"] + n_big * f["big"] + n_small * f["small"]
+        total += n_tokens * f["router"] if with_router else 0.0
+    if convention == "true":
+        total += n_tokens * 2.0 * model.cfg.d_model * model.cfg.vocab_size
+    return total
+
+
+LAYERS = {"wide": WideLayer, "loop": LoopLayer, "dual": DualLayer, "duo": DuoLayer}
 
 
 @torch.no_grad()
@@ -481,17 +836,14 @@ class LMOutput:
 class DualPathLM(nn.Module):
     """Embedding → n_layers layers of one kind → RMSNorm → LM head (untied unless tie_embeddings)."""
 
+    param_roles = {"embed.weight": "embedding", "lm_head.weight": "embedding"}
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        if cfg.arch == "duo":
-            from .duo import DuoLayer  # Duo-LLM lives in its own module
-
-            self.layers = nn.ModuleList(DuoLayer(cfg, i) for i in range(cfg.n_layers))
-        else:
-            self.layers = nn.ModuleList(LAYERS[cfg.arch](cfg, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(LAYERS[cfg.arch](cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -519,9 +871,13 @@ class DualPathLM(nn.Module):
         self.apply(lambda m: init_module(m, self.cfg.init_std, self.cfg.branch_scale_init))
 
     def forward(self, idx, targets=None, *, overrides: Overrides | None = None, return_per_token_loss=False,
-                return_diagnostics=False, cache: KVCache | None = None) -> LMOutput:
+                return_diagnostics=False, cache: KVCache | None = None, choices=None) -> LMOutput:
+        """choices: None, or one layer choice per layer (see "Layer choices"); a Duo routing tensor
+        (n_layers, B, T) of codes counts as one (B, T) choice per layer."""
         B, T = idx.shape
         ov = overrides or NO_OVERRIDES
+        if choices is not None and len(choices) != len(self.layers):
+            raise ValueError(f"{len(choices)} layer choices for {len(self.layers)} layers")
         if ov.K is not None and not 1 <= ov.K <= self.cfg.max_loops:
             raise ValueError(f"forced K={ov.K} is outside 1..max_loops={self.cfg.max_loops}")
         start = cache.pos if cache is not None else 0
@@ -531,9 +887,9 @@ class DualPathLM(nn.Module):
         x = self.embed(idx)
         diagnostics = []
         ponder = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             diag = {} if (return_diagnostics or self._wants_ponder(targets)) else None
-            x = layer(x, rope, ov, cache, diag)
+            x = layer(x, rope, ov, cache, diag, None if choices is None else choices[i])
             if diag is not None:
                 if "expected_steps" in diag:
                     ponder.append(diag["expected_steps"])
@@ -583,28 +939,34 @@ class DualPathLM(nn.Module):
     def train_flops_per_token(self, seq_len: int | None = None) -> float:
         return 3.0 * self.flops_per_token(seq_len, "true")
 
+    def named_param_roles(self):
+        """(name, parameter, role) for every parameter once (tied ones under their first name).
+
+        Each module declares the roles of its own parameters in `param_roles` (keys relative to the
+        module); anything undeclared is a "matrix". Roles: matrix, embedding, norm, gain, gate, router,
+        router_bias. The optimiser chooses weight decay by role, `param_counts` counts by it.
+        """
+        roles = {}
+        for mname, m in self.named_modules():
+            for key, role in getattr(m, "param_roles", {}).items():
+                roles[f"{mname}.{key}" if mname else key] = role
+        for name, p in self.named_parameters():
+            yield name, p, roles.get(name, "matrix")
+
     def param_counts(self) -> dict[str, int]:
-        """Total, non-embedding and per-part parameter counts (shared tensors counted once)."""
+        """Total, non-embedding and per-part parameter counts (shared tensors counted once).
+
+        The part is the role where it names one (embeddings, gates, routers), else the path or layer
+        that owns the parameter (a module's `param_part`: deep, wide, duo), else "other"."""
+        part_of = {}
+        for mname, m in self.named_modules():
+            part = getattr(m, "param_part", None)
+            if part is not None:
+                for pname, _ in m.named_parameters():
+                    part_of.setdefault(f"{mname}.{pname}", part)
+        by_role = {"embedding": "embeddings", "gate": "gates", "router": "routers", "router_bias": "routers"}
         parts = {"embeddings": 0, "deep": 0, "wide": 0, "gates": 0, "routers": 0, "duo": 0, "other": 0}
-        seen = set()
-        for name, p in self.named_parameters(remove_duplicate=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            n = p.numel()
-            if name.startswith(("embed.", "lm_head.")):
-                parts["embeddings"] += n
-            elif ".deep.halt." in name or ".router." in name:
-                parts["routers"] += n
-            elif ".deep." in name:
-                parts["deep"] += n
-            elif ".wide." in name:
-                parts["wide"] += n
-            elif ".gate." in name:
-                parts["gates"] += n
-            elif name.startswith("layers.") and self.cfg.arch == "duo":
-                parts["duo"] += n
-            else:
-                parts["other"] += n
+        for name, p, role in self.named_param_roles():
+            parts[by_role.get(role) or part_of.get(name, "other")] += p.numel()
         total = sum(parts.values())
         return {"total": total, "non_embedding": total - parts["embeddings"], **parts}

@@ -1,8 +1,10 @@
-"""The trainer. It knows nothing about a specific architecture: it needs a model whose forward returns an
-object with `.loss` (and `.per_token_loss` on request) and that reports `train_flops_per_token(seq_len)`.
+"""The trainer. It knows nothing about a specific architecture: it needs a config with `build()`, and a model
+whose forward returns an object with `.loss` (and `.per_token_loss` on request), that reports
+`train_flops_per_token(seq_len)`, `param_counts()` and `named_param_roles()`, and optionally
+`summary_metrics(idx)` for the log. Parallelism is applied from `parallel.py`.
 
     dualpath train CONFIG.yaml [key=value ...] [--steps N | --tokens N | --target-flops F] [--resume auto|PATH]
-    torchrun --nproc_per_node N -m dualpath.train CONFIG.yaml ...      (DDP: gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node N -m dualpath train CONFIG.yaml ...      (DDP: gloo on CPU, nccl on GPU)
 
 Batches are addressed by a global window counter, so a run resumes exactly from the counter alone, and
 N ranks with accumulation A see the same windows as one rank with accumulation N·A.
@@ -11,23 +13,20 @@ N ranks with accumulation A see the same windows as one rank with accumulation N
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
-import os
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
-import yaml
 
 from . import checkpoint as ckpt_io
 from .config import OptimConfig, RunConfig
-from .errors import DataError, DualPathError
+from .data.loader import Batches
+from .errors import DualPathError
+from .parallel import (Dist, full_state_dict, init_distributed, load_optimizer_state_dict, optimizer_state_dict,
+                       pick_device, sync_context, unwrap, wrap_model)
 from .perf import peak_flops
 
 LN2 = math.log(2.0)
@@ -41,17 +40,16 @@ class TrainingError(DualPathError):
 # Optimiser and schedule
 
 
+DECAY_ROLES = ("matrix", "router")  # the roles a model's named_param_roles() reports that get weight decay
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only matrices; never embeddings, norms, gains, gates or biases (all 1-D, or named)."""
-    decay, no_decay, seen = [], [], set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        if p.ndim >= 2 and not name.startswith("embed.") and ".gate." not in name:
-            decay.append(p)
-        else:
-            no_decay.append(p)
+    """Decay only matrices (projections and router weights); never embeddings, norms, gains, gates or
+    biases. The model says which parameter plays which role (`named_param_roles`)."""
+    decay, no_decay = [], []
+    for _, p, role in model.named_param_roles():
+        if p.requires_grad:
+            (decay if role in DECAY_ROLES else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -75,172 +73,6 @@ def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
     span = max(1, total - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed set-up (applied outside the model)
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-
-def init_distributed(device_type: str) -> Dist:
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return Dist()
-    import torch.distributed as dist
-
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def pick_device(name: str, d: Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise DualPathError("train.device=cuda but no CUDA device is available")
-        torch.cuda.set_device(d.local_rank)
-        return torch.device("cuda", d.local_rank)
-    return torch.device("cpu")
-
-
-def wrap_model(model: nn.Module, cfg: RunConfig, device: torch.device, d: Dist) -> nn.Module:
-    """DDP or FSDP2 around the single-device model, then torch.compile."""
-    if d.enabled and cfg.train.fsdp:
-        try:
-            from torch.distributed.fsdp import fully_shard
-        except ImportError:  # torch < 2.6
-            from torch.distributed._composable.fsdp import fully_shard
-        for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    elif d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=_has_unused_params(model, device))
-    if cfg.train.compile:
-        model = torch.compile(model)
-    return model
-
-
-def _has_unused_params(model: nn.Module, device: torch.device) -> bool:
-    """One tiny forward/backward tells DDP whether some parameters never get a gradient (e.g. K=1 routers)."""
-    idx = torch.zeros(1, 4, dtype=torch.long, device=device)
-    rng = torch.get_rng_state()  # a routing policy may draw random numbers; the run must not notice
-    model(idx, idx).loss.backward()
-    torch.set_rng_state(rng)
-    unused = any(p.requires_grad and p.grad is None for p in model.parameters())
-    model.zero_grad(set_to_none=True)
-    return unused
-
-
-def _sync_ctx(model: nn.Module, last_micro: bool, d: Dist):
-    """Skip gradient sync on non-final micro-steps."""
-    if not d.enabled:
-        return contextlib.nullcontext()
-    inner = getattr(model, "_orig_mod", model)
-    if hasattr(inner, "no_sync") and not last_micro:
-        return inner.no_sync()
-    if hasattr(inner, "set_requires_gradient_sync"):  # FSDP2
-        inner.set_requires_gradient_sync(last_micro)
-    return contextlib.nullcontext()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
-
-
-def _sharded(cfg: RunConfig) -> bool:
-    return cfg.train.fsdp and torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def full_state_dict(model: nn.Module, cfg: RunConfig) -> dict:
-    """The whole model's weights on CPU (a collective under FSDP2: every rank must call it)."""
-    if _sharded(cfg):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return unwrap(model).state_dict()
-
-
-def optimizer_state_dict(model: nn.Module, optimizer, cfg: RunConfig) -> dict:
-    if _sharded(cfg):  # keyed by parameter names, gathered from the shards
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(unwrap(model), optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return optimizer.state_dict()
-
-
-def load_optimizer_state_dict(model: nn.Module, optimizer, state: dict, cfg: RunConfig) -> None:
-    if _sharded(cfg):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state)
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-
-
-class Batches:
-    """Train and val windows of a prepared folder, addressed by a global window counter."""
-
-    def __init__(self, path: str, seq_len: int, seed: int, model_vocab: int):
-        from .data.shards import TokenShards, WindowSampler
-
-        root = Path(path)
-        if not path or not root.is_dir():
-            raise DataError(f"data folder not found: '{path}' (set data.path to a folder made by `dualpath prepare`)")
-        meta_path = root / "meta.json"
-        if not meta_path.is_file():
-            raise DataError(f"{root} has no meta.json: prepare it with `dualpath prepare`")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            raise DataError(f"corrupt meta.json in {root}") from None
-        vocab = int(self.meta.get("vocab_size", 0))
-        if vocab > model_vocab:
-            raise DataError(f"vocabulary mismatch: the data in {root} uses {vocab} token ids but model.vocab_size "
-                            f"is {model_vocab}")
-        self.root, self.seq_len = root, seq_len
-        self.train = TokenShards(root, "train")
-        self.val = TokenShards(root, "val")
-        for name, shards in (("train", self.train), ("val", self.val)):
-            if shards.n_tokens == 0:
-                raise DataError(f"the {name} split in {root} is empty")
-        self.train_sampler = WindowSampler(self.train.n_tokens, seq_len, seed, split="train")
-        self.val_sampler = WindowSampler(self.val.n_tokens, seq_len, seed, split="val")
-        self.byte_lengths = self._byte_lengths()
-
-    def _byte_lengths(self):
-        from .data.shards import token_byte_lengths
-
-        tok = self.root / "tokenizer.json"
-        return torch.from_numpy(np.asarray(token_byte_lengths(tok), dtype=np.int64)) if tok.is_file() else None
-
-    def get(self, split: str, start: int, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        shards, sampler = (self.train, self.train_sampler) if split == "train" else (self.val, self.val_sampler)
-        w = torch.from_numpy(np.asarray(sampler.batch(shards, start, count), dtype=np.int64))
-        return w[:, :-1].to(device, non_blocking=True), w[:, 1:].to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,8 +202,6 @@ def _progress(enabled: bool, total: int, start: int):
 
 def train(cfg: RunConfig) -> dict:
     """Train `cfg.model` on `cfg.data` to the configured horizon. Returns the final summary."""
-    from .model import DualPathLM
-
     t = cfg.train
     device_type = "cuda" if (t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else "cpu"
     d = init_distributed(device_type)
@@ -383,7 +213,7 @@ def train(cfg: RunConfig) -> dict:
     batches = Batches(cfg.data.path, seq_len, t.seed, cfg.model.vocab_size)
 
     torch.manual_seed(t.seed)
-    model = DualPathLM(cfg.model).to(device)
+    model = cfg.model.build().to(device)
     raw = model
     B, A = cfg.data.batch_size, t.grad_accum
     tokens_per_step = B * A * d.world * seq_len
@@ -409,8 +239,7 @@ def train(cfg: RunConfig) -> dict:
     logger = _Logger(out_dir, d.main, t.tensorboard, step if resume_from is not None else None)
     files = {"tokenizer.json": batches.root / "tokenizer.json", "data_meta.json": batches.root / "meta.json"}
     if d.main:
-        ckpt_io.atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(
-            {"config_version": ckpt_io.CONFIG_VERSION, **dataclasses.asdict(cfg)}, sort_keys=False))
+        ckpt_io.write_config(out_dir / "config.yaml", cfg)
         logger.log({"step": step, "event": "start", "params": raw.param_counts()["total"],
                     "train_flops_per_token": train_fpt, "tokens_per_step": tokens_per_step,
                     "total_steps": total_steps, "peak_flops": peak, "peak_source": peak_src, "world": d.world,
@@ -437,9 +266,9 @@ def train(cfg: RunConfig) -> dict:
             loss_acc = torch.zeros((), device=device)
             for a in range(A):
                 x, y = batches.get("train", windows + (a * d.world + d.rank) * B, B, device)
-                with _sync_ctx(model, a == A - 1, d), autocast:
+                with sync_context(model, a == A - 1, d), autocast:
                     loss = model(x, y).loss / A
-                with _sync_ctx(model, a == A - 1, d):
+                with sync_context(model, a == A - 1, d):
                     loss.backward()
                 loss_acc += loss.detach()
             if d.enabled:
@@ -505,24 +334,10 @@ def train(cfg: RunConfig) -> dict:
 
 def _restore_weights(path: Path, model: nn.Module, device) -> tuple[int, int]:
     """Weights, RNG state and position of a checkpoint, into the unwrapped model."""
-    state = ckpt_io.load_weights(path)
-    if "lm_head.weight" not in state and "embed.weight" in state:
-        state["lm_head.weight"] = state["embed.weight"]
     try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ckpt_io.CheckpointError(f"cannot resume from {path}: weights do not fit the config "
-                                      f"({str(e).splitlines()[0][:160]})") from None
+        ckpt_io.load_model_state(path, model)
+    except ckpt_io.CheckpointError as e:
+        raise ckpt_io.CheckpointError(f"cannot resume from {path}: {e}") from None
     ts = ckpt_io.load_torch(path / "trainer_state.pt")
     _set_rng_state(ts["rng"], device)
     return int(ts["step"]), int(ts["window_counter"])
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

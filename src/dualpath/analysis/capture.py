@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..model import Overrides
+from ..model import Overrides, TokenChoice
 
 LAYER_KEYS = ("gate_deep", "gate_wide", "delta_norm_deep", "delta_norm_wide", "cos_deep_wide", "expected_steps")
 TOKEN_KEYS = ("ids", "doc", "loss")
@@ -110,12 +110,8 @@ def capture_ids(model, docs: Sequence, *, bos: int | None = None, chunk_len: int
                 row = np.zeros(len(inp), bool)
                 row[sel] = mask[in_idx[sel]]
                 m[r, :len(inp)] = torch.from_numpy(row)
-        ov = overrides or Overrides()
-        if m is not None:
-            from dataclasses import replace
-
-            ov = replace(ov, token_mask=m.to(device), token_mask_to=token_mask_to)
-        res = model(x.to(device), y.to(device), overrides=ov, return_per_token_loss=True,
+        choices = [TokenChoice(m.to(device), token_mask_to)] * len(model.layers) if m is not None else None
+        res = model(x.to(device), y.to(device), overrides=overrides, choices=choices, return_per_token_loss=True,
                     return_diagnostics=diagnostics)
         ptl = res.per_token_loss.float().cpu().numpy()
         diags = [{k: v.float().cpu().numpy() for k, v in d.items()

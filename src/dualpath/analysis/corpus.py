@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.tokenizer import bytes_to_unicode, eos_id, is_byte_level
 from ..errors import DataError
 
 DOC_SEPARATOR = "\n\n"  # between documents in the joined text of a corpus (report and arrays.npz)
@@ -83,13 +84,7 @@ def special_ids(tokenizer) -> set[int]:
 
 
 def bos_id(tokenizer) -> int | None:
-    from ..data.prepare import _EOS_CANDIDATES
-
-    for name in _EOS_CANDIDATES:
-        i = tokenizer.token_to_id(name)
-        if i is not None:
-            return int(i)
-    return None
+    return eos_id(tokenizer, default=None)
 
 
 def offsets_reproduce(text: str, offsets) -> bool:
@@ -131,11 +126,6 @@ def encode_with_offsets(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray, b
     return ids, offs, ok
 
 
-def _byte_level(tokenizer) -> bool:
-    from ..data.shards import _has_type
-
-    spec = json.loads(tokenizer.to_str())
-    return _has_type(spec.get("decoder"), "ByteLevel") or _has_type(spec.get("pre_tokenizer"), "ByteLevel")
 
 
 def decode_with_offsets(tokenizer, ids) -> tuple[str, np.ndarray]:
@@ -148,10 +138,8 @@ def decode_with_offsets(tokenizer, ids) -> tuple[str, np.ndarray]:
     ids = [int(i) for i in ids]
     if not ids:
         return "", np.zeros((0, 2), np.int64)
-    if _byte_level(tokenizer):
-        from ..data.shards import _bytes_to_unicode
-
-        inv = {c: b for b, c in _bytes_to_unicode().items()}
+    if is_byte_level(tokenizer):
+        inv = {c: b for b, c in bytes_to_unicode().items()}
         specials = special_ids(tokenizer)
         pieces = []
         for i in ids:

@@ -43,7 +43,7 @@ def analyze(checkpoint, *, text=None, data=None, jsonl=None, field: str | None =
     Returns the summary (also written as summary.json), with "files" listing what was written.
     """
     from ..checkpoint import load_model
-    from ..evaluate import check_tokenizer, load_tokenizer
+    from ..eval.evaluate import check_tokenizer, load_tokenizer
 
     t0 = time.perf_counter()
     say = log or (lambda m: None)

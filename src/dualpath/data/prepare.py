@@ -25,79 +25,12 @@ import numpy as np
 
 from ..errors import DataError
 from ..fileio import check_out_dir, install_dir
-from .shards import (FORMAT_VERSION, HEADER_BYTES, ShardWriter, atomic_write_bytes, default_mode, token_byte_lengths,
-                     token_dtype)
+from .shards import FORMAT_VERSION, HEADER_BYTES, ShardWriter, atomic_write_bytes, default_mode, token_dtype
+from .tokenizer import check_dense_vocab, find_eos, load_tokenizer, token_byte_lengths, train_tokenizer
 from .sources import Source, SyntheticSource, iter_specs, mixed_documents
 
-EOS_TOKEN = "<|endoftext|>"
-_EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 _BATCH_BYTES = 1 << 18  # text per encode_batch call
 _BATCH_DOCS = 1024
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Tokenizer
-
-def new_bpe_tokenizer():
-    """An untrained byte-level BPE tokenizer (ByteLevel pre-tokenizer without prefix space, ByteLevel decoder)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
-def train_tokenizer(texts: Iterator[str], vocab_size: int, *, show_progress: bool = False):
-    """Train a byte-level BPE on an iterator of texts; `<|endoftext|>` is special token 0.
-
-    Decoding `encode(text).ids` with `skip_special_tokens=False` gives back `text` exactly.
-    """
-    from tokenizers import pre_tokenizers, trainers
-
-    if vocab_size < 257:
-        raise DataError(f"vocab_size must be >= 257 for a byte-level BPE (256 bytes + EOS), got {vocab_size}")
-    tok = new_bpe_tokenizer()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.encode_special_tokens = True
-    return tok
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """Load a tokenizer.json (or a folder holding one). Special-token strings inside text are encoded as
-    plain text (`encode_special_tokens=True`), so only the EOS that prepare inserts is ever an EOS id."""
-    from tokenizers import Tokenizer
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.is_file():
-        raise DataError(f"tokenizer file not found: {p}")
-    try:
-        tok = Tokenizer.from_file(str(p))
-    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{p}: not a valid tokenizer.json ({msg})") from None
-    tok.encode_special_tokens = True
-    return tok
-
-
-def find_eos(tok, where: str = "tokenizer") -> tuple[int, str]:
-    for name in _EOS_CANDIDATES:
-        i = tok.token_to_id(name)
-        if i is not None:
-            return i, name
-    raise DataError(f"{where} has no end-of-text token (looked for {', '.join(_EOS_CANDIDATES)})")
-
-
-def _check_dense_vocab(tok, where: str) -> int:
-    size = tok.get_vocab_size(with_added_tokens=True)
-    top = max(tok.get_vocab(with_added_tokens=True).values(), default=-1)
-    if top >= size:
-        raise DataError(f"{where}: token id {top} is out of range for vocab size {size} (ids must be 0..{size - 1})")
-    return size
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,7 +154,7 @@ def prepare(sources: list[str], out_dir: str | os.PathLike, *, vocab_size: int =
     tok = None
     if tokenizer is not None:  # fail fast on a bad tokenizer before creating anything
         tok = load_tokenizer(tokenizer)
-        _check_dense_vocab(tok, str(tokenizer))
+        check_dense_vocab(tok, str(tokenizer))
         find_eos(tok, str(tokenizer))
 
     # Create the temp folder next to the output (same file system, so the final rename is atomic).
@@ -257,7 +190,7 @@ def _prepare_into(tmp: Path, srcs: list[Source], tok, tokenizer_path, *, vocab_s
     with _progress(progress) as bar:
         # 1. Tokenizer: load, or train on a streamed sample of the train documents.
         if tok is not None:
-            size = _check_dense_vocab(tok, str(tokenizer_path))
+            size = check_dense_vocab(tok, str(tokenizer_path))
             tok_meta = {"origin": "file", "path": str(Path(tokenizer_path).absolute())}
         else:
             cap = tokenizer_train_bytes if max_tokens is None else min(tokenizer_train_bytes, 8 * max_tokens)
@@ -280,7 +213,7 @@ def _prepare_into(tmp: Path, srcs: list[Source], tok, tokenizer_path, *, vocab_s
             bar.update(task, completed=cap)
             if sample["bytes"] == 0:
                 raise DataError("no training text found in the sources (they are empty or only whitespace)")
-            size = _check_dense_vocab(tok, "trained tokenizer")
+            size = check_dense_vocab(tok, "trained tokenizer")
             tok_meta = {"origin": "trained", "type": "byte-level BPE", "requested_vocab_size": vocab_size,
                         "train_bytes": sample["bytes"], "train_documents": sample["documents"]}
         eos_id, eos_token = find_eos(tok, tok_meta.get("path", "tokenizer"))

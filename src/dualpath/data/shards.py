@@ -20,7 +20,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any
+
 
 import numpy as np
 
@@ -312,65 +312,3 @@ class WindowSampler:
         for row, w in enumerate(self.windows(start, count)):
             out[row] = shards.get(int(w) * self.seq_len, self.seq_len + 1)
         return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Bytes per token, for exact bits-per-byte.
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable-char table, as used by the ByteLevel pre-tokenizer."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-_BYTE_CHARS = frozenset(_bytes_to_unicode().values())
-_BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
-
-
-def _has_type(node: Any, name: str) -> bool:
-    if isinstance(node, dict):
-        if node.get("type") == name:
-            return True
-        return any(_has_type(v, name) for v in node.values())
-    if isinstance(node, list):
-        return any(_has_type(v, name) for v in node)
-    return False
-
-
-def token_byte_lengths(tokenizer: Any) -> np.ndarray:
-    """UTF-8 byte length of every token id (0 for special tokens), as an int64 array of vocab size.
-
-    `tokenizer` is a `tokenizers.Tokenizer` or a path to a tokenizer.json (or a folder holding one).
-    Exact for byte-level BPE (the tokenizers `prepare` trains): the bytes of a token sequence are then
-    sum(lengths[ids]), so bits-per-byte on any subset of target tokens is
-    sum(loss_nats) / ln(2) / sum(lengths[targets]). For other tokenizers it is a best effort
-    (SentencePiece '▁' counts as one space, '<0xNN>' byte-fallback tokens as one byte).
-    """
-    import json
-
-    if not hasattr(tokenizer, "get_vocab"):
-        from .prepare import load_tokenizer
-        tokenizer = load_tokenizer(tokenizer)
-    spec = json.loads(tokenizer.to_str())
-    byte_level = _has_type(spec.get("decoder"), "ByteLevel") or _has_type(spec.get("pre_tokenizer"), "ByteLevel")
-    vocab = tokenizer.get_vocab(with_added_tokens=True)
-    size = max(tokenizer.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
-    out = np.zeros(size, dtype=np.int64)
-    for token, i in vocab.items():
-        if byte_level and all(c in _BYTE_CHARS for c in token):
-            out[i] = len(token)
-        elif _BYTE_FALLBACK.match(token):
-            out[i] = 1
-        else:
-            out[i] = len(token.replace("\u2581", " ").encode("utf-8"))
-    for added in spec.get("added_tokens") or []:
-        i = added["id"]
-        out[i] = 0 if added.get("special") else len(added["content"].encode("utf-8"))
-    return out

@@ -20,8 +20,8 @@ import dataclasses
 
 from transformers import PretrainedConfig
 
-from ..config import ModelConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
+from ..model import ModelConfig, check_gate_override
 
 # The layout of config.json. Tracks dualpath.checkpoint.CONFIG_VERSION (a test keeps them equal).
 # Raise it, and extend `upgrade_fields`, whenever a ModelConfig field is renamed or changes meaning.
@@ -42,17 +42,10 @@ def upgrade_fields(fields: dict, version: int) -> dict:
 def check_gates(gates) -> None:
     if gates is None:
         return
-    if not isinstance(gates, str):
-        raise ValueError(f"gates={gates!r} is not one of {GATE_OVERRIDES}")
-    if gates in ("deep-only", "wide-only", "shuffled"):
-        return
-    if gates.startswith("both="):
-        try:
-            float(gates.split("=", 1)[1])
-            return
-        except ValueError:
-            pass
-    raise ValueError(f"gates={gates!r} is not one of {GATE_OVERRIDES}")
+    try:
+        check_gate_override(gates if isinstance(gates, str) else "")
+    except ConfigError:
+        raise ValueError(f"gates={gates!r} is not one of {GATE_OVERRIDES}") from None
 
 
 class DualPathConfig(PretrainedConfig):

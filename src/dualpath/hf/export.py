@@ -31,7 +31,6 @@ from ..fileio import check_out_dir, fsync_tree, install_dir
 
 HF_FILES = ("configuration_dualpath.py", "modeling_dualpath.py")
 ROOT_MODULE = "model"  # the dualpath module the exported code needs; its relative imports follow
-EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 
 _PKG = Path(__file__).resolve().parent.parent  # src/dualpath
 _REL_IMPORT = re.compile(r"^\s*from\s+\.(\S+)\s+import", re.MULTILINE)
@@ -78,14 +77,6 @@ def model_code_files() -> dict[str, str]:
     return files
 
 
-def _find_eos(tok) -> str:
-    for name in EOS_CANDIDATES:
-        if tok.token_to_id(name) is not None:
-            return name
-    raise CheckpointError(f"the checkpoint's tokenizer has no end-of-text token "
-                          f"(looked for {', '.join(EOS_CANDIDATES)})")
-
-
 def _readme(cfg, ckpt: Path, eos: str) -> str:
     m = cfg.model
     return (f"# dualpath export ({m.arch})\n\n"
@@ -117,6 +108,7 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwri
 
     from .. import __version__
     from ..checkpoint import load_model, weights_for_saving
+    from ..data.tokenizer import check_vocab, find_eos
     from .configuration_dualpath import DualPathConfig
 
     out = Path(out_dir).expanduser().absolute()
@@ -131,11 +123,8 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwri
         raw_tok = Tokenizer.from_file(str(tok_path))
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
         raise CheckpointError(f"cannot read {tok_path}: {str(e).splitlines()[0][:160] if str(e) else e}") from None
-    if raw_tok.get_vocab_size() > cfg.model.vocab_size:
-        raise CheckpointError(f"the tokenizer in {ckpt} has {raw_tok.get_vocab_size()} tokens but the model's "
-                              f"vocabulary is {cfg.model.vocab_size}")
-    eos = _find_eos(raw_tok)
-    eos_id = raw_tok.token_to_id(eos)
+    check_vocab(raw_tok.get_vocab_size(), cfg.model.vocab_size, f"the tokenizer in {ckpt}")
+    eos_id, eos = find_eos(raw_tok, "the checkpoint's tokenizer")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

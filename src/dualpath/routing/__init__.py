@@ -7,10 +7,10 @@
     report(model, batches, budgets, random_trials=100, routers=[(model, target)]) -> dict     comparison
 
 and the command-level wrappers that load checkpoints and data and write files: run_oracle,
-run_gate_search, run_train_router, run_report. The search engine is `dualpath.search`.
+run_gate_search, run_train_router, run_report. The search engine is `dualpath.routing.search`; windows come from `dualpath.data.loader`.
 """
 
-from .data import load_windows, make_batches, train_window_fn
+from ..data.loader import load_windows, make_batches, train_window_fn
 from .oracle import (OPTIMISTIC_NOTE, check_budgets, check_duo, gate_search, oracle, oracle_markdown, run_gate_search,
                      run_oracle, write_oracle)
 from .report import report, report_markdown, run_report, write_report

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..duo import BIG, NAMES, SKIP, realised_flops
+from ..model import BIG, NAMES, SKIP, realised_flops
 from ..errors import CheckpointError, ConfigError
-from ..search import (DualSearchModel, DuoSearchModel, PatternEvaluator, SearchSpace, pattern_to_string,
-                      search)
+from .adapters import DualSearchModel, DuoSearchModel
+from .search import PatternEvaluator, SearchSpace, pattern_to_string, search
 from . import plots
 
 OPTIMISTIC_NOTE = ("The per-token oracle picks, for every token, the pattern with the lowest loss on that "
@@ -238,7 +238,7 @@ def run_oracle(checkpoint, data, budgets, out, *, with_skip: bool = False, max_s
                device: str = "cpu", log=None) -> dict:
     """`dualpath duo oracle`: load, evaluate, write. Returns the JSON-ready result."""
     from ..checkpoint import load_model
-    from .data import load_windows, make_batches
+    from ..data.loader import load_windows, make_batches
 
     model, _, ckpt = load_model(checkpoint, device)
     check_duo(model, "`duo oracle`")
@@ -288,7 +288,7 @@ def run_gate_search(checkpoint, data, out, *, max_sequences: int = 64, batch_siz
                     seq_len: int | None = None, max_patterns: int = 4096, beam: int = 16, device: str = "cpu",
                     log=None) -> dict:
     from ..checkpoint import atomic_write_text, load_model
-    from .data import load_windows, make_batches
+    from ..data.loader import load_windows, make_batches
 
     model, _, ckpt = load_model(checkpoint, device)
     if model.cfg.arch != "dual":

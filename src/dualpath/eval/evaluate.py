@@ -15,30 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
-from .generate import generate_tokens
-from .model import Overrides
+from ..data.tokenizer import check_tokenizer, eos_id, load_tokenizer, token_byte_lengths
+from ..errors import DataError
+from ..generate import generate_tokens
+from ..model import Overrides
 
 LN2 = math.log(2.0)
-
-
-def load_tokenizer(folder: str | Path):
-    """The tokenizer.json stored with a checkpoint or a prepared folder."""
-    from .data.prepare import load_tokenizer as _load
-
-    return _load(folder)
-
-
-def check_tokenizer(tokenizer, model) -> None:
-    n = tokenizer.get_vocab_size()
-    if n > model.cfg.vocab_size:
-        raise DataError(f"the tokenizer has {n} tokens but the model's vocabulary is {model.cfg.vocab_size}: "
-                        "they do not belong together")
-
-
-def _eos(tokenizer) -> int:
-    eos = tokenizer.token_to_id("<|endoftext|>")
-    return 0 if eos is None else eos
 
 
 @torch.inference_mode()
@@ -77,7 +59,7 @@ def evaluate_text(model, tokenizer, text: str, batch_size: int = 8, overrides: O
     if max_windows and len(ids) > max_windows * ctx:
         ids = ids[:max_windows * ctx]
         nbytes = len(text[:enc.offsets[len(ids) - 1][1]].encode("utf-8"))
-    windows = [[_eos(tokenizer)] + ids[:ctx]] + [ids[i - 1:i + ctx] for i in range(ctx, len(ids), ctx)]
+    windows = [[eos_id(tokenizer)] + ids[:ctx]] + [ids[i - 1:i + ctx] for i in range(ctx, len(ids), ctx)]
     t0 = time.perf_counter()
     losses = torch.cat(score_sequences(model, windows, batch_size, overrides))
     return _summary(losses.double().sum().item(), losses.numel(), nbytes, time.perf_counter() - t0, model)
@@ -117,7 +99,7 @@ def evaluate_examples(model, tokenizer, examples: list[dict], batch_size: int = 
     """
     if not examples:
         raise DataError("no examples to evaluate")
-    eos = _eos(tokenizer)
+    eos = eos_id(tokenizer)
     seqs, masks = [], []
     for ex in examples:
         ids, mask = answer_token_mask(tokenizer, ex["text"], ex["answer_start"], ex["answer_end"])
@@ -216,7 +198,7 @@ def evaluate_shards(model, folder: str | Path, split: str = "val", batch_size: i
     """Loss, perplexity and exact BPB over consecutive non-overlapping windows of a prepared split."""
     import numpy as np
 
-    from .data.shards import TokenShards, token_byte_lengths
+    from ..data.shards import TokenShards
 
     shards = TokenShards(folder, split)
     T = model.cfg.seq_len

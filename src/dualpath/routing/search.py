@@ -38,12 +38,12 @@ import itertools
 import math
 from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
-from .errors import CheckpointError, ConfigError
+from ..errors import ConfigError
+from ..model import parse_letters
 
 # ----------------------------------------------------------------------------------------------
 # The interface
@@ -60,134 +60,6 @@ class LayeredModel(Protocol):
     def apply_layer(self, i: int, state: Any, choice: str) -> Any: ...
 
     def logits_loss(self, state: Any, targets: torch.Tensor) -> torch.Tensor: ...
-
-
-def chunked_token_loss(hidden: torch.Tensor, norm, head, targets: torch.Tensor, max_rows: int = 8192
-                       ) -> torch.Tensor:
-    """Per-token cross-entropy of head(norm(hidden)) without materialising all logits at once."""
-    B, T, d = hidden.shape
-    flat_h, flat_t = hidden.reshape(-1, d), targets.reshape(-1)
-    out = torch.empty(flat_t.shape, dtype=torch.float32, device=hidden.device)
-    for s in range(0, flat_h.shape[0], max_rows):
-        logits = head(norm(flat_h[s:s + max_rows])).float()
-        out[s:s + max_rows] = F.cross_entropy(logits, flat_t[s:s + max_rows], ignore_index=-1, reduction="none")
-    return out.view(B, T)
-
-
-class _LMHeadMixin:
-    model: Any
-
-    def embed(self, idx):
-        return self.model.embed(idx)
-
-    def _rope(self, T: int):
-        if T > self.model.rope_cos.shape[0]:
-            raise ValueError(f"sequence of {T} tokens is longer than the context ({self.model.rope_cos.shape[0]})")
-        return self.model.rope_cos[:T], self.model.rope_sin[:T]
-
-    def logits_loss(self, state, targets):
-        return chunked_token_loss(state, self.model.norm, self.model.lm_head, targets)
-
-
-class DuoSearchModel(_LMHeadMixin):
-    """A Duo-LLM model (arch duo): every layer is big, small or skip for the whole batch."""
-
-    choices: ClassVar[tuple] = ("big", "small", "skip")
-    default_choice = "small"
-    letters: ClassVar[dict] = {"big": "B", "small": "S", "skip": "X"}
-
-    def __init__(self, model):
-        if model.cfg.arch != "duo":
-            raise CheckpointError(f"this needs a Duo-LLM model (model.arch=duo), this one is {model.cfg.arch}")
-        self.model = model
-        self.n_layers = model.cfg.n_layers
-
-    def apply_layer(self, i, x, choice):
-        """The reference path: the DuoLayer's own forward with an explicit routing mask."""
-        from .duo import NAMES
-        from .model import Overrides
-
-        B, T, _ = x.shape
-        code = NAMES.index(choice)
-        mask = torch.full((1, 1, 1), code, dtype=torch.long, device=x.device).expand(self.n_layers, B, T)
-        return self.model.layers[i](x, self._rope(T), Overrides(duo_choice=mask), None, None)
-
-    def apply_layer_multi(self, i, x, choices):
-        """Siblings share the layer's attention: h = x + Attn(norm(x)) once, then each FFN choice."""
-        layer = self.model.layers[i]
-        T = x.shape[1]
-        h = x + layer.attn(layer.attn_norm(x), self._rope(T), None, (i, "duo", 0))
-        z = layer.ffn_norm(h) if any(c != "skip" for c in choices) else None
-        out = []
-        for c in choices:
-            if c == "big":
-                out.append(h + layer.ffn_big(z))
-            elif c == "small":
-                out.append(h + layer.ffn_small(z))
-            elif c == "skip":
-                out.append(x if layer.cfg.skip_whole_layer else h)
-            else:
-                raise ConfigError(f"unknown Duo choice '{c}' (big, small, skip)")
-        return out
-
-
-class DualSearchModel(_LMHeadMixin):
-    """A Dual-Path model (arch dual): per layer, the learned gates, or their sum moved to one path.
-
-    The choices follow `Overrides.layer_choice`: "deep-favoured" keeps g_d + g_w and puts all of it on the
-    deep path, "wide-favoured" on the wide path; "learned" leaves the gates as trained.
-    """
-
-    choices: ClassVar[tuple] = ("learned", "deep-favoured", "wide-favoured")
-    default_choice = "learned"
-    letters: ClassVar[dict] = {"learned": "L", "deep-favoured": "D", "wide-favoured": "W"}
-
-    def __init__(self, model):
-        if model.cfg.arch != "dual":
-            raise CheckpointError(f"this needs a Dual-Path model (model.arch=dual), this one is {model.cfg.arch}")
-        self.model = model
-        self.n_layers = model.cfg.n_layers
-
-    def apply_layer(self, i, x, choice):
-        """The reference path: the DualLayer's own forward with Overrides(layer_choice=...)."""
-        from .model import Overrides
-
-        lc = [None] * self.n_layers
-        lc[i] = choice
-        return self.model.layers[i](x, self._rope(x.shape[1]), Overrides(layer_choice=lc), None, None)
-
-    def apply_layer_multi(self, i, x, choices):
-        """Siblings share the gates and each path: h_deep and h_wide are computed at most once."""
-        from .model import NO_OVERRIDES
-
-        layer = self.model.layers[i]
-        rope = self._rope(x.shape[1])
-        g_d, g_w = layer.gates(x, NO_OVERRIDES)
-        need_deep = any(c in ("learned", "deep-favoured") for c in choices)
-        need_wide = any(c in ("learned", "wide-favoured") for c in choices)
-        h_deep = layer.deep(x, rope, None, None, i, None) if need_deep else None
-        h_wide = layer.wide(x, rope, None, i) if need_wide else None
-        out = []
-        for c in choices:
-            if c == "learned":
-                out.append(g_d.unsqueeze(-1) * h_deep + g_w.unsqueeze(-1) * h_wide)
-            elif c == "deep-favoured":
-                out.append((g_d + g_w).unsqueeze(-1) * h_deep)
-            elif c == "wide-favoured":
-                out.append((g_d + g_w).unsqueeze(-1) * h_wide)
-            else:
-                raise ConfigError(f"unknown Dual-Path layer choice '{c}' (learned, deep-favoured, wide-favoured)")
-        return out
-
-
-def search_model_for(model) -> LayeredModel:
-    """The search adapter of a DualPathLM: Duo (big/small/skip) or Dual-Path (learned/deep/wide)."""
-    arch = model.cfg.arch
-    if arch == "duo":
-        return DuoSearchModel(model)
-    if arch == "dual":
-        return DualSearchModel(model)
-    raise CheckpointError(f"routing search needs a duo or dual model, this one is {arch}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,15 +313,7 @@ def pattern_to_string(sm, pattern) -> str:
 
 def pattern_from_string(sm, text: str) -> tuple:
     letters = getattr(sm, "letters", None) or {c: c[0].upper() for c in sm.choices}
-    inv = {v: k for k, v in letters.items()}
-    p = text.strip().upper()
-    if len(p) != sm.n_layers:
-        raise ConfigError(f"routing pattern '{text}' has {len(p)} letters but the model has {sm.n_layers} layers")
-    bad = sorted({ch for ch in p if ch not in inv})
-    if bad:
-        raise ConfigError(f"routing pattern '{text}' has unknown choice letter(s) {', '.join(bad)} "
-                          f"(use {', '.join(f'{v} for {k}' for k, v in letters.items())})")
-    return tuple(inv[ch] for ch in p)
+    return tuple(parse_letters(text, sm.n_layers, {v: k for k, v in letters.items()}))
 
 
 # ----------------------------------------------------------------------------------------------

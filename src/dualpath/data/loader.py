@@ -1,14 +1,17 @@
-"""Evaluation and training windows for the Duo tools: a prepared folder or a text file."""
+"""Windows of tokens for training and evaluation: the trainer's seeded train/val batches (`Batches`), the
+routing tools' consecutive evaluation windows of a prepared folder or a text file (`load_windows`), and
+seeded train windows for router training (`train_window_fn`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from .shards import TokenShards, WindowSampler
+from .tokenizer import check_folder_vocab, check_tokenizer, eos_id, load_tokenizer, token_byte_lengths
 
 
 def check_seq_len(model, seq_len: int | None) -> int:
@@ -16,18 +19,6 @@ def check_seq_len(model, seq_len: int | None) -> int:
     if not 1 <= T <= model.cfg.seq_len:
         raise ConfigError(f"sequence length {T} is outside 1..{model.cfg.seq_len} (the model's context)")
     return T
-
-
-def _check_folder_vocab(folder: Path, model) -> None:
-    meta = folder / "meta.json"
-    if meta.is_file():
-        try:
-            vocab = int(json.loads(meta.read_text()).get("vocab_size", 0))
-        except (json.JSONDecodeError, ValueError, TypeError):
-            raise DataError(f"corrupt meta.json in {folder}") from None
-        if vocab > model.cfg.vocab_size:
-            raise DataError(f"vocabulary mismatch: the data in {folder} uses {vocab} token ids but the model's "
-                            f"vocabulary is {model.cfg.vocab_size}")
 
 
 def load_windows(data: str | Path, model, *, tokenizer_dir: str | Path | None = None, split: str = "val",
@@ -44,9 +35,7 @@ def load_windows(data: str | Path, model, *, tokenizer_dir: str | Path | None = 
         raise ConfigError(f"--max-sequences must be >= 1, got {max_sequences}")
     p = Path(data)
     if p.is_dir():
-        from ..data.shards import TokenShards
-
-        _check_folder_vocab(p, model)
+        check_folder_vocab(p, model.cfg.vocab_size)
         shards = TokenShards(p, split)
         n = (shards.n_tokens - 1) // T
         if n < 1:
@@ -57,13 +46,11 @@ def load_windows(data: str | Path, model, *, tokenizer_dir: str | Path | None = 
         w = torch.from_numpy(rows.astype(np.int64))
         x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
     elif p.is_file():
-        from ..evaluate import _eos, check_tokenizer, load_tokenizer
-
         if tokenizer_dir is None:
             raise DataError(f"{p} is a text file: a tokenizer (the checkpoint's tokenizer.json) is needed")
         tok = load_tokenizer(tokenizer_dir)
         check_tokenizer(tok, model)
-        ids = [_eos(tok)] + tok.encode(p.read_text(encoding="utf-8", errors="replace")).ids
+        ids = [eos_id(tok)] + tok.encode(p.read_text(encoding="utf-8", errors="replace")).ids
         if len(ids) < 2:
             raise DataError(f"{p} is too short to evaluate (fewer than 2 tokens)")
         xs, ys = [], []
@@ -94,21 +81,50 @@ def make_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int = 8, device="
     return [(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)) for i in range(0, x.shape[0], batch_size)]
 
 
+class Windows:
+    """Seeded windows of T + 1 tokens of one split of a prepared folder, addressed by a window counter."""
+
+    def __init__(self, folder: str | Path, split: str, seq_len: int, seed: int):
+        self.shards = TokenShards(folder, split)
+        if self.shards.n_tokens == 0:
+            raise DataError(f"the {split} split in {folder} is empty")
+        self.sampler = WindowSampler(self.shards.n_tokens, seq_len, seed, split=split)
+
+    def get(self, start: int, count: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of windows start .. start + count - 1."""
+        w = torch.from_numpy(np.asarray(self.sampler.batch(self.shards, start, count), dtype=np.int64))
+        return w[:, :-1].to(device, non_blocking=True), w[:, 1:].to(device, non_blocking=True)
+
+
+class Batches:
+    """Train and val windows of a prepared folder for the trainer, and its bytes per token (exact BPB)."""
+
+    def __init__(self, path: str, seq_len: int, seed: int, model_vocab: int):
+        root = Path(path)
+        if not path or not root.is_dir():
+            raise DataError(f"data folder not found: '{path}' (set data.path to a folder made by `dualpath prepare`)")
+        if not (root / "meta.json").is_file():
+            raise DataError(f"{root} has no meta.json: prepare it with `dualpath prepare`")
+        self.meta = check_folder_vocab(root, model_vocab)
+        self.root, self.seq_len = root, seq_len
+        self.train = Windows(root, "train", seq_len, seed)
+        self.val = Windows(root, "val", seq_len, seed)
+        self.val_sampler = self.val.sampler
+        tok = root / "tokenizer.json"
+        self.byte_lengths = (torch.from_numpy(np.asarray(token_byte_lengths(tok), dtype=np.int64))
+                             if tok.is_file() else None)
+
+    def get(self, split: str, start: int, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.train if split == "train" else self.val).get(start, count, device)
+
+
 def train_window_fn(folder: str | Path, model, *, batch_size: int = 8, seq_len: int | None = None, seed: int = 0,
                     device="cpu"):
     """step -> (inputs, targets): random train-split windows of a prepared folder (a seeded, stateless order)."""
-    from ..data.shards import TokenShards, WindowSampler
-
     p = Path(folder)
     if not p.is_dir():
         raise DataError(f"router training needs a prepared data folder (made by `dualpath prepare`), got {p}")
     T = check_seq_len(model, seq_len)
-    _check_folder_vocab(p, model)
-    shards = TokenShards(p, "train")
-    sampler = WindowSampler(shards.n_tokens, T, seed, split="train")
-
-    def get(step: int):
-        w = torch.from_numpy(sampler.batch(shards, step * batch_size, batch_size))
-        return w[:, :-1].to(device), w[:, 1:].to(device)
-
-    return get
+    check_folder_vocab(p, model.cfg.vocab_size)
+    windows = Windows(p, "train", T, seed)
+    return lambda step: windows.get(step * batch_size, batch_size, device)

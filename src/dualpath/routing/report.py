@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..duo import BIG, SMALL
+from ..model import BIG, SMALL
 from ..errors import ConfigError
-from ..model import Overrides
-from ..search import DuoSearchModel, PatternEvaluator
+from .adapters import DuoSearchModel
+from .search import PatternEvaluator
 from . import plots
 from .oracle import (OPTIMISTIC_NOTE, SEQUENCE_NOTE, check_budgets, check_duo, flops_per_token, oracle_budget,
                      public, write_oracle)
@@ -48,7 +48,7 @@ def _routed_losses(model, batches, choice_fn) -> tuple[torch.Tensor, float]:
     out, flops, n = [], 0.0, 0
     for x, y in batches:
         c = choice_fn(*x.shape).to(x.device)
-        r = model(x, y, overrides=Overrides(duo_choice=c), return_per_token_loss=True)
+        r = model(x, y, choices=c, return_per_token_loss=True)
         out.append(r.per_token_loss.float().cpu())
         flops += flops_per_token(model, c, x.shape[1]) * c[0].numel()
         n += c[0].numel()
@@ -311,7 +311,7 @@ def run_report(checkpoint, data, budgets, out, *, random_trials: int = 100, rout
     every budget without one (on the train split of the prepared folder `data`); 0 marks them missing.
     """
     from ..checkpoint import load_model
-    from .data import load_windows, make_batches, train_window_fn
+    from ..data.loader import load_windows, make_batches, train_window_fn
     from .router import load_router, train_router
 
     model, _, ckpt = load_model(checkpoint, device)

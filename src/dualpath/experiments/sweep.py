@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import RunConfig, apply_overrides, from_dict, load_yaml, to_dict, validate_tree
-from .errors import ConfigError
+from ..config import RunConfig, apply_overrides, from_dict, load_yaml, to_dict, validate_tree
+from ..errors import ConfigError
 
 
 @dataclass
@@ -107,7 +107,7 @@ def load_sweep(path: str | Path, overrides=()) -> SweepConfig:
 
 def plan(sweep: SweepConfig) -> list[Run]:
     """The grid, with widths from the solver and one total FLOP target per budget."""
-    from .solver import solve
+    from ..solver import solve
 
     backbone = sweep.base.model
     T = sweep.base.data.seq_len or backbone.seq_len
@@ -135,8 +135,8 @@ def plan(sweep: SweepConfig) -> list[Run]:
 
 def dry_run(sweep: SweepConfig, runs: list[Run]) -> str:
     """The grid with each run's cost and state, and the wall time of what is left to train."""
-    from .checkpoint import find_latest
-    from .perf import measure_gemm_peak
+    from ..checkpoint import find_latest
+    from ..perf import measure_gemm_peak
 
     peak = measure_gemm_peak("cpu", seconds=0.3)
     lines = ["| budget | arm | seed | params | true FLOPs/token (fwd) | train FLOPs | est. minutes | state |",
@@ -207,7 +207,7 @@ def _run_one(run: Run, sweep: SweepConfig, threads: int | None) -> subprocess.Po
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "dualpath.sweep", "--run-one", str(cfg_path)] + [
+    cmd = [sys.executable, "-m", "dualpath", "sweep", str(cfg_path), "--run-one"] + [
         f"--eval={e}" for e in sweep.evals] + [f"--eval-limit={sweep.eval_limit}"]
     log = open(folder / "run.log", "a")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -215,10 +215,10 @@ def _run_one(run: Run, sweep: SweepConfig, threads: int | None) -> subprocess.Po
 
 def train_and_eval(cfg_path: str, evals: list[str], eval_limit: int) -> None:
     """One run of a sweep (a child process): train to the target, then evaluate on every eval set."""
-    from .checkpoint import atomic_write_text, load_model
-    from .config import load_config
-    from .evaluate import evaluate_datasets, load_tokenizer
-    from .train import train
+    from ..checkpoint import atomic_write_text, load_model
+    from ..config import load_config
+    from ..eval.evaluate import evaluate_datasets, load_tokenizer
+    from ..train import train
 
     cfg = load_config(RunConfig, cfg_path)
     cfg.train.progress = False
@@ -462,25 +462,3 @@ def emit_configs(sweep: SweepConfig, folder: str | Path, source: str = "SWEEP.ya
         path.write_text(header + yaml.safe_dump(d, sort_keys=False))
         written.append(path)
     return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m dualpath.sweep")
-    p.add_argument("--run-one", required=True)
-    p.add_argument("--eval", action="append", default=[])
-    p.add_argument("--eval-limit", type=int, default=0)
-    a = p.parse_args(argv)
-    from .errors import DualPathError
-
-    try:
-        train_and_eval(a.run_one, a.eval, a.eval_limit)
-    except DualPathError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,14 +11,12 @@ The numbers are whatever this run measures.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-from .config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
-from .solver import solve, solve_grid, table_markdown
+from ..config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from ..solver import solve, solve_grid, table_markdown
 
 BACKBONE = dict(vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, seq_len=128, ffn_multiple=64)
 ARMS = (("PureWide", "wide", 1, None), ("Dual K=2 α=0.5", "dual", 2, 0.5))
@@ -26,11 +24,11 @@ ARMS = (("PureWide", "wide", 1, None), ("Dual K=2 α=0.5", "dual", 2, 0.5))
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, budget: float = 1.5e6,
              train_flops: float = 1.2e13, log=print) -> dict:
-    from .checkpoint import load_model
-    from .data.prepare import prepare
-    from .data.synthetic import SyntheticConfig
-    from .evaluate import evaluate_examples, load_tokenizer
-    from .train import train
+    from ..checkpoint import load_model
+    from ..data.prepare import prepare
+    from ..data.synthetic import SyntheticConfig
+    from ..eval.evaluate import evaluate_examples, load_tokenizer
+    from ..train import train
 
     out = Path(out)
     if quick:
@@ -107,17 +105,3 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, budget: float =
         f"tables: {out}/results.md, {out}/results.json")
     log(f"total time: {time.perf_counter() - t_start:.0f} s")
     return {"results": results, "table": table}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dualpath.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
-    args = p.parse_args(argv)
-    from .cli import main as cli_main
-
-    return cli_main(["demo", "--out", args.out] + (["--quick"] if args.quick else []))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

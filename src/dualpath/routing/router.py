@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..duo import BIG
+from ..model import BIG
 from ..errors import CheckpointError, ConfigError, DualPathError
 from .oracle import check_duo, flops_per_token
 
@@ -190,7 +190,7 @@ def run_train_router(checkpoint, data, budget: float, out, *, steps: int = 500, 
     """`dualpath duo train-router`: train on the train split of a prepared folder, evaluate hard on its val
     split, save a router checkpoint (duo_policy=router) under OUT/checkpoints and OUT/router.json."""
     from ..checkpoint import atomic_write_text, load_model, save_checkpoint
-    from .data import load_windows, make_batches, train_window_fn
+    from ..data.loader import load_windows, make_batches, train_window_fn
 
     target = check_fraction(budget)
     model, cfg, ckpt = load_model(checkpoint, device)

@@ -8,12 +8,12 @@ non-overlapping windows, left-truncated contexts), so its numbers match an expor
 Importing this module registers the model name "dualpath" with lm-eval (lm-eval 0.4.13 has no plugin
 entry points, so something must import it before lm-eval looks the name up):
 
-    python -m dualpath.lm_eval_model --model dualpath --model_args checkpoint=runs/x --tasks dualpath_text_ppl
+    python -m dualpath.eval.lm_eval --model dualpath --model_args checkpoint=runs/x --tasks dualpath_text_ppl
         # = the lm_eval CLI, after the import; adds --include_path <dualpath>/tasks unless you give one
 
-    import dualpath.lm_eval_model, lm_eval
+    import dualpath.eval.lm_eval, lm_eval
     lm_eval.simple_evaluate(model="dualpath", model_args={"checkpoint": "runs/x", "K": 2}, tasks=[...],
-                            task_manager=dualpath.tasks.task_manager())
+                            task_manager=dualpath.eval.tasks.task_manager())
 
 model_args: checkpoint (run, checkpoints or step folder; required), K (deep-path loop steps), gates
 (deep-only | wide-only | both=C | shuffled), gate_seed, device (cpu | cuda[:N]; cuda falls back to cpu
@@ -30,18 +30,18 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .errors import DualPathError
+from ..errors import DualPathError
 
 try:
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import model_registry
 except ImportError:  # pragma: no cover - exercised only without the eval extra
-    raise ImportError("dualpath.lm_eval_model needs lm-eval: pip install 'dualpath[eval]'") from None
+    raise ImportError("dualpath.eval.lm_eval needs lm-eval: pip install 'dualpath[eval]'") from None
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "dualpath"
-_TARGET = "dualpath.lm_eval_model:DualPathEvalLM"
+_TARGET = "dualpath.eval.lm_eval:DualPathEvalLM"
 
 
 def register() -> None:
@@ -89,9 +89,9 @@ class DualPathEvalLM(TemplateLM):
                  device: str | None = "cpu", dtype: str = "float32", batch_size=8, max_batch_size=None,
                  max_length=None, max_gen_toks=256, add_bos_token: bool = False, seed=None, **kwargs):
         super().__init__()
-        from .checkpoint import load_model
-        from .data.prepare import find_eos, load_tokenizer
-        from .model import Overrides
+        from ..checkpoint import load_model
+        from ..data.tokenizer import check_tokenizer, find_eos, load_tokenizer
+        from ..model import Overrides
 
         if kwargs:
             raise DualPathError(f"unknown model_args for --model dualpath: {', '.join(sorted(kwargs))} "
@@ -110,9 +110,7 @@ class DualPathEvalLM(TemplateLM):
         self.checkpoint = folder
         self.tokenizer = load_tokenizer(folder)
         self._eot, self.eot_string = find_eos(self.tokenizer, f"tokenizer of {folder}")
-        if self.tokenizer.get_vocab_size() > self.cfg.vocab_size:
-            raise DualPathError(f"the tokenizer in {folder} has {self.tokenizer.get_vocab_size()} tokens but the "
-                                f"model's vocabulary is {self.cfg.vocab_size}")
+        check_tokenizer(self.tokenizer, self.model, f"the tokenizer in {folder}")
 
         K = _int_or_none(K, "K")
         if K is not None and not 1 <= K <= self.cfg.max_loops:
@@ -243,7 +241,7 @@ class DualPathEvalLM(TemplateLM):
         from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
         from tqdm import tqdm
 
-        from .generate import generate_tokens
+        from ..generate import generate_tokens
 
         out = []
         for req in tqdm(requests, disable=disable_tqdm, desc="Running generate_until requests (dualpath)"):
