@@ -3,9 +3,8 @@
 from .config import load_config
 from .errors import CheckpointError, ConfigError, DataError, DualPathError
 from .model import DualPathLM, KVCache, LMOutput, ModelConfig, Overrides, TokenChoice, swiglu_hidden
-from .generate import generate  # noqa: E402  (dualpath.generate(...) is the documented entry point)
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelConfig", "load_config", "DualPathLM", "generate", "KVCache", "LMOutput", "Overrides", "TokenChoice", "swiglu_hidden",
+__all__ = ["ModelConfig", "load_config", "DualPathLM", "KVCache", "LMOutput", "Overrides", "TokenChoice", "swiglu_hidden",
            "DualPathError", "ConfigError", "DataError", "CheckpointError"]

@@ -1,7 +1,7 @@
 """Sampling with a KV cache (one cache per loop step of the deep block, one for the wide block).
 
     dualpath generate CHECKPOINT --prompt "..." [--max-new-tokens --temperature --top-k --top-p --seed]
-    dualpath.generate(model, tokenizer, "prompt", max_new_tokens=50)
+    dualpath.generate.generate(model, tokenizer, "prompt", max_new_tokens=50)
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .data.tokenizer import eos_id as find_eos_id
 from .errors import DualPathError
 from .model import KVCache, Overrides
 
@@ -64,7 +65,7 @@ def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, *, temper
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, *, stream: Callable[[str], None] | None = None,
              bos: bool = True, **kw) -> str:
     """Generate text after `prompt`. `stream` receives text pieces as they are decoded."""
-    eos_id = tokenizer.token_to_id("<|endoftext|>")
+    eos_id = find_eos_id(tokenizer, default=None)
     ids = ([eos_id] if bos and eos_id is not None else []) + tokenizer.encode(prompt).ids
     out: list[int] = []
     printed = ""

@@ -836,7 +836,7 @@ class LMOutput:
 class DualPathLM(nn.Module):
     """Embedding → n_layers layers of one kind → RMSNorm → LM head (untied unless tie_embeddings)."""
 
-    param_roles = {"embed.weight": "embedding", "lm_head.weight": "embedding"}
+    param_roles = {"embed.weight": "embedding", "lm_head.weight": "head"}
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -943,8 +943,9 @@ class DualPathLM(nn.Module):
         """(name, parameter, role) for every parameter once (tied ones under their first name).
 
         Each module declares the roles of its own parameters in `param_roles` (keys relative to the
-        module); anything undeclared is a "matrix". Roles: matrix, embedding, norm, gain, gate, router,
-        router_bias. The optimiser chooses weight decay by role, `param_counts` counts by it.
+        module); anything undeclared is a "matrix". Roles: matrix, embedding, head (the LM head), norm,
+        gain, gate, router, router_bias. The optimiser chooses weight decay by role; `param_counts` counts
+        by it.
         """
         roles = {}
         for mname, m in self.named_modules():
@@ -964,7 +965,7 @@ class DualPathLM(nn.Module):
             if part is not None:
                 for pname, _ in m.named_parameters():
                     part_of.setdefault(f"{mname}.{pname}", part)
-        by_role = {"embedding": "embeddings", "gate": "gates", "router": "routers", "router_bias": "routers"}
+        by_role = {"embedding": "embeddings", "head": "embeddings", "gate": "gates", "router": "routers", "router_bias": "routers"}
         parts = {"embeddings": 0, "deep": 0, "wide": 0, "gates": 0, "routers": 0, "duo": 0, "other": 0}
         for name, p, role in self.named_param_roles():
             parts[by_role.get(role) or part_of.get(name, "other")] += p.numel()

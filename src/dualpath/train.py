@@ -40,12 +40,13 @@ class TrainingError(DualPathError):
 # Optimiser and schedule
 
 
-DECAY_ROLES = ("matrix", "router")  # the roles a model's named_param_roles() reports that get weight decay
+# The roles (from the model's named_param_roles()) that get weight decay.
+DECAY_ROLES = ("matrix", "head", "router")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only matrices (projections and router weights); never embeddings, norms, gains, gates or
-    biases. The model says which parameter plays which role (`named_param_roles`)."""
+    """Decay only matrices (projections, the LM head, router weights); never embeddings, norms, gains,
+    gates or biases. The model says which parameter plays which role (`named_param_roles`)."""
     decay, no_decay = [], []
     for _, p, role in model.named_param_roles():
         if p.requires_grad:
