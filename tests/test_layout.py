@@ -111,7 +111,7 @@ def test_the_trainer_names_no_architecture():
     text = (PKG / "train.py").read_text()
     for word in ("DualPathLM", ".gate.", "model.layers", ".arch"):
         assert word not in text, word
-    assert not re.findall(r"\b(dual|duo|deep|wide|loop)\b", text)
+    assert not re.findall(r"\b(dual|duo|deep|wide)\b", text)
 
 
 # ----------------------------------------------------------------------------------------------
