@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from dualpath.cli import main
-from dualpath.experiments.sweep import _paired, _paper_columns, load_sweep, plan, run_order
+from dualpath.experiments.sweep import load_sweep, plan, run_order
+from dualpath.experiments.sweep_report import _paired, _paper_columns
 
 from helpers import SHAKESPEARE
 
@@ -207,7 +208,8 @@ def test_a_crashed_run_resumes_from_its_checkpoint(tmp_path, data_dir):
 def test_the_kept_results_are_what_their_run_folders_say():
     """results/cpu_paper_table (kept in git, docs/REPRODUCTION.md's source): every row of results.csv is
     rebuilt from its run folder's eval.json, and every folder was trained under the config the sweep plans."""
-    from dualpath.experiments.sweep import _collect, check_run_folders
+    from dualpath.experiments.sweep import check_run_folders
+    from dualpath.experiments.sweep_report import _collect
 
     out = ROOT / "results/cpu_paper_table"
     if not (out / "results.csv").is_file():

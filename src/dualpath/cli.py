@@ -182,8 +182,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .experiments.sweep import (aggregate, check_run_folders, dry_run, emit_configs, load_sweep, plan, run_sweep,
-                                    train_and_eval)
+    from .experiments.sweep import check_run_folders, dry_run, emit_configs, load_sweep, plan, run_sweep, train_and_eval
+    from .experiments.sweep_report import aggregate
 
     if args.run_one:  # one run of a sweep, in the child process the sweep started
         train_and_eval(args.config, args.eval, args.eval_limit)

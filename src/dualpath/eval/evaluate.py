@@ -18,7 +18,7 @@ import torch
 from ..data.tokenizer import check_tokenizer, eos_id, load_tokenizer, token_byte_lengths
 from ..errors import DataError
 from ..generate import generate_tokens
-from ..model import Overrides
+from ..model import Overrides, check_gate_override
 
 LN2 = math.log(2.0)
 
@@ -245,7 +245,7 @@ def evaluate_datasets(model, tokenizer, data: list[str], *, force_K: list[int] |
         raise DataError(f"--gates needs a dual model, this one is {cfg.arch}")
     for g in gates or []:
         try:
-            Overrides(gates=g).gate_constants()
+            check_gate_override(g)
         except ValueError as e:
             raise DataError(str(e)) from None
     paths = [Path(d) for d in data]
