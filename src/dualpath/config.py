@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -202,7 +203,11 @@ class DataConfig:
 class OptimConfig:
     lr: float = 3e-3
     min_lr: float = 3e-4  # floor of the decay
-    weight_decay: float = 0.1  # never on embeddings, norms, gains, gates or router biases
+    weight_decay: float = 0.1  # on matrices only: never on embeddings, norms, gains, gates or router biases
+    # The authors' reference decays the gates, norms, gains and biases too; True does that (embeddings stay
+    # undecayed). Off by default; docs/MECHANISM.md reports its effect.
+    decay_gates_and_norms: bool = False
+    gate_lr_mult: float = 1.0  # learning-rate multiplier of the gate and gain parameters
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -219,6 +224,8 @@ class OptimConfig:
             raise ConfigError("optim.beta1 and optim.beta2 must be in [0, 1)")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must be >= 0")
+        if not (math.isfinite(self.gate_lr_mult) and self.gate_lr_mult > 0):
+            raise ConfigError(f"optim.gate_lr_mult must be a finite number > 0, got {self.gate_lr_mult}")
         if not 0 <= self.wsd_decay_frac <= 1:
             raise ConfigError(f"optim.wsd_decay_frac must be in [0, 1], got {self.wsd_decay_frac}")
         return self

@@ -33,6 +33,7 @@ from .errors import ConfigError, check_one_of as _one_of
 CONVENTIONS = ("paper", "true")
 ARCHS = ("wide", "loop", "dual", "duo")
 GATE_MODES = ("two_gates", "convex", "softmax", "fixed")
+INITS = ("scaled", "plain")
 
 
 @dataclass
@@ -51,6 +52,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # scaled (the authors' reference): residual output projections (attention out, SwiGLU down, in every
+    # block: deep, wide, duo) start at init_std / sqrt(2 * n_layers); plain: init_std everywhere.
+    init: str = "scaled"
     # Configured SwiGLU widths (before the 2/3 reduction); the built hidden width is
     # ffn_multiple * ceil(floor(2*d_ffn/3) / ffn_multiple).
     d_ffn_deep: int = 0  # loop and dual
@@ -81,6 +85,9 @@ class ModelConfig:
     def validate(self) -> "ModelConfig":
         _one_of("model.arch", self.arch, ARCHS)
         _one_of("model.gate_mode", self.gate_mode, GATE_MODES)
+        _one_of("model.init", self.init, INITS)
+        if not self.init_std > 0:
+            raise ConfigError(f"model.init_std must be > 0, got {self.init_std}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "seq_len", "ffn_multiple"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -279,6 +286,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.wo.residual_projection = True  # writes into the residual stream: scaled init
         self.q_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
@@ -327,6 +335,7 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(d_model, self.hidden, bias=False)
         self.w3 = nn.Linear(d_model, self.hidden, bias=False)
         self.w2 = nn.Linear(self.hidden, d_model, bias=False)
+        self.w2.residual_projection = True
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -800,22 +809,26 @@ LAYERS = {"wide": WideLayer, "loop": LoopLayer, "dual": DualLayer, "duo": DuoLay
 
 
 @torch.no_grad()
-def init_module(m: nn.Module, std: float, branch_scale_init: float) -> None:
-    """The initial values of one module's own parameters (the paper's: gates 0.5, gains softplus(-7))."""
+def init_module(m: nn.Module, cfg) -> None:
+    """The initial values of one module's own parameters (the paper's: gates 0.5, gains softplus(-7)).
+
+    `cfg` is a ModelConfig (or anything with its init fields: init, init_std, n_layers, branch_scale_init).
+    """
     if isinstance(m, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(m.weight, std=std)
+        scaled = cfg.init == "scaled" and getattr(m, "residual_projection", False)
+        nn.init.normal_(m.weight, std=cfg.init_std / math.sqrt(2 * cfg.n_layers) if scaled else cfg.init_std)
     elif isinstance(m, nn.RMSNorm):
         nn.init.ones_(m.weight)
     elif isinstance(m, HaltingRouter):
-        nn.init.normal_(m.weight, std=std)
+        nn.init.normal_(m.weight, std=cfg.init_std)
         nn.init.zeros_(m.bias)
     elif isinstance(m, Gate) and m.mode != "fixed":
         nn.init.zeros_(m.W_g)
         nn.init.zeros_(m.b_g)
     elif isinstance(m, LoopPath):
-        nn.init.constant_(m.step_gain, branch_scale_init)
+        nn.init.constant_(m.step_gain, cfg.branch_scale_init)
     elif isinstance(m, WidePath) and m.beta is not None:
-        nn.init.constant_(m.beta, branch_scale_init)
+        nn.init.constant_(m.beta, cfg.branch_scale_init)
     elif hasattr(m, "reset_routing_parameters"):
         m.reset_routing_parameters()
 
@@ -868,7 +881,7 @@ class DualPathLM(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         # post-order (children first), so a layer can override the default init of its own router
-        self.apply(lambda m: init_module(m, self.cfg.init_std, self.cfg.branch_scale_init))
+        self.apply(lambda m: init_module(m, self.cfg))
 
     def forward(self, idx, targets=None, *, overrides: Overrides | None = None, return_per_token_loss=False,
                 return_diagnostics=False, cache: KVCache | None = None, choices=None) -> LMOutput:

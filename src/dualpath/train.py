@@ -40,23 +40,38 @@ class TrainingError(DualPathError):
 # Optimiser and schedule
 
 
-# The roles (from the model's named_param_roles()) that get weight decay.
+# The roles (from the model's named_param_roles()) that get weight decay, and those that
+# optim.decay_gates_and_norms adds (the reference's grouping); gate_lr_mult scales the LR of GATE_LR_ROLES.
 DECAY_ROLES = ("matrix", "head", "router")
+REFERENCE_EXTRA_DECAY_ROLES = ("gate", "gain", "norm", "router_bias")
+GATE_LR_ROLES = ("gate", "gain")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only matrices (projections, the LM head, router weights); never embeddings, norms, gains,
-    gates or biases. The model says which parameter plays which role (`named_param_roles`)."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, decay_gates_and_norms: bool = False,
+                 gate_lr_mult: float = 1.0) -> list[dict]:
+    """AdamW groups by parameter role (the model says which parameter plays which role, through
+    `named_param_roles`). By default decay only matrices (projections, the LM head, router weights); never
+    embeddings, norms, gains, gates or biases. The first two groups are always (decayed, not decayed) at
+    the base LR; groups with another `lr_mult` follow only when gate_lr_mult != 1."""
+    decay_roles = DECAY_ROLES + (REFERENCE_EXTRA_DECAY_ROLES if decay_gates_and_norms else ())
+    groups = [{"params": [], "weight_decay": weight_decay, "lr_mult": 1.0},
+              {"params": [], "weight_decay": 0.0, "lr_mult": 1.0}]
+    scaled: dict[bool, dict] = {}
     for _, p, role in model.named_param_roles():
-        if p.requires_grad:
-            (decay if role in DECAY_ROLES else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not p.requires_grad:
+            continue
+        decayed = role in decay_roles
+        if role in GATE_LR_ROLES and gate_lr_mult != 1.0:
+            scaled.setdefault(decayed, {"params": [], "weight_decay": weight_decay if decayed else 0.0,
+                                        "lr_mult": gate_lr_mult})["params"].append(p)
+        else:
+            groups[0 if decayed else 1]["params"].append(p)
+    return groups + [scaled[k] for k in (True, False) if k in scaled]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps)
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_gates_and_norms, cfg.gate_lr_mult)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
@@ -263,7 +278,7 @@ def train(cfg: RunConfig) -> dict:
         while step < total_steps:
             lr = lr_at(step, total_steps, cfg.optim)
             for g in optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_mult", 1.0)
             loss_acc = torch.zeros((), device=device)
             for a in range(A):
                 x, y = batches.get("train", windows + (a * d.world + d.rank) * B, B, device)

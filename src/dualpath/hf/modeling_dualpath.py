@@ -73,7 +73,7 @@ class DualPathPreTrainedModel(PreTrainedModel):
             module.rope_cos = cos.to(device=w.device, dtype=w.dtype)
             module.rope_sin = sin.to(device=w.device, dtype=w.dtype)
         else:
-            init_module(module, self.config.init_std, self.config.branch_scale_init)
+            init_module(module, self.config)
 
 
 class DualPathForCausalLM(DualPathPreTrainedModel, GenerationMixin):
