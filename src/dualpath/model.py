@@ -639,6 +639,26 @@ class DualLayer(nn.Module):
                 + self.gate.flops_per_token(seq_len, convention))
 
 
+# The one definition of each routing statistic over a Dual-Path layer's diagnostics; the training log
+# (DualPathLM.summary_sums) and the analysis (analysis/capture.py, analysis/aggregate.py) both call these.
+
+
+def deep_share(g_d, g_w, norm_d, norm_w) -> torch.Tensor:
+    """ρ_d = g_d‖Δ_d‖ / (g_d‖Δ_d‖ + g_w‖Δ_w‖), Δ = h_path − x (the layer's input): the deep path's share of
+    the layer's update. Computed in float64; NaN where the denominator is 0 (or an input is NaN)."""
+    num = torch.as_tensor(g_d).double() * torch.as_tensor(norm_d).double()
+    den = num + torch.as_tensor(g_w).double() * torch.as_tensor(norm_w).double()
+    pos = den > 0
+    return torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)), torch.full_like(den, math.nan))
+
+
+def binary_entropy(p) -> torch.Tensor:
+    """H(p) = −p·log₂p − (1 − p)·log₂(1 − p), in bits (so in [0, 1]; 0 at p = 0 or 1), of a gate value p
+    (clipped to [0, 1]). Computed in float64; NaN stays NaN."""
+    p = torch.as_tensor(p).double().clamp(0.0, 1.0)
+    return 0.0 - (torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p)) / math.log(2.0)  # 0, not -0
+
+
 BIG, SMALL, SKIP = 0, 1, 2
 LETTERS = {"B": BIG, "S": SMALL, "X": SKIP}
 NAMES = ("big", "small", "skip")
@@ -937,6 +957,64 @@ class DualPathLM(nn.Module):
                 if key in diag:
                     rec[f"{key}/{i}"] = diag[key].float().mean().item()
         return rec
+
+    @torch.no_grad()
+    def summary_sums(self, out: LMOutput) -> dict[str, torch.Tensor]:
+        """Exact float64 sums and counts (0-d tensors) of the per-layer routing statistics of one forward made
+        with return_diagnostics=True. Added key by key over batches (and ranks), they give, through
+        `summary_from_sums`, the statistics over all of them. The keys depend on the architecture only.
+
+        Every position of the batch counts (as in the analysis, which keeps positions without a target); NaN
+        values are skipped (as the analysis's means skip them). Statistics, per layer i:
+          gates/{i}/deep_mean, deep_std, wide_mean, wide_std   g_d, g_w: mean and standard deviation (ddof 0)
+          gates/{i}/entropy_deep, entropy_wide                  mean binary_entropy of the gate, bits
+          gates/{i}/rho_deep                                    mean deep share ρ_d (deep_share)
+                                                                (these: Dual-Path layers)
+          gates/{i}/expected_steps                              mean ACT-expected loop steps (loop and Dual-Path)
+        """
+        sums: dict[str, torch.Tensor] = {}
+
+        def add(name: str, v: torch.Tensor, ok: torch.Tensor | None = None, square: bool = False):
+            v = v.detach().double()
+            ok = torch.isfinite(v) if ok is None else ok & torch.isfinite(v)
+            v = torch.where(ok, v, torch.zeros_like(v))
+            sums[f"{name}:n"] = ok.sum().double()
+            sums[f"{name}:sum"] = v.sum()
+            if square:
+                sums[f"{name}:sq"] = (v * v).sum()
+
+        for i, diag in enumerate(out.diagnostics):
+            p = f"gates/{i}/"
+            if "gate_deep" in diag and "gate_wide" in diag:
+                g_d, g_w = diag["gate_deep"].double(), diag["gate_wide"].double()
+                add(p + "deep", g_d, square=True)
+                add(p + "wide", g_w, square=True)
+                both = torch.isfinite(g_d) & torch.isfinite(g_w)
+                add(p + "entropy_deep", binary_entropy(g_d), both)
+                add(p + "entropy_wide", binary_entropy(g_w), both)
+                add(p + "rho_deep", deep_share(g_d, g_w, diag["delta_norm_deep"], diag["delta_norm_wide"]))
+            if "expected_steps" in diag:
+                add(p + "expected_steps", diag["expected_steps"])
+        return sums
+
+    @staticmethod
+    def summary_from_sums(sums: dict) -> dict[str, float]:
+        """The statistics (see `summary_sums`) from its sums, added over any number of batches; values are
+        floats or 0-d tensors. NaN where nothing was counted."""
+        vals = {k: float(v) for k, v in sums.items()}
+        stats: dict[str, float] = {}
+        for key, n in vals.items():
+            name, part = key.rsplit(":", 1)
+            if part != "n":
+                continue
+            mean = vals[f"{name}:sum"] / n if n > 0 else math.nan
+            if f"{name}:sq" in vals:
+                var = vals[f"{name}:sq"] / n - mean * mean if n > 0 else math.nan
+                stats[f"{name}_mean"] = mean
+                stats[f"{name}_std"] = math.sqrt(max(var, 0.0)) if n > 0 else math.nan
+            else:
+                stats[name] = mean
+        return stats
 
     # -- accounting ------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The trainer. It knows nothing about a specific architecture: it needs a config with `build()`, and a model
 whose forward returns an object with `.loss` (and `.per_token_loss` on request), that reports
 `train_flops_per_token(seq_len)`, `param_counts()` and `named_param_roles()`, and optionally
-`summary_metrics(idx)` for the log. Parallelism is applied from `parallel.py`.
+`summary_metrics(idx)` for the log at every log step and `summary_sums(out)` / `summary_from_sums(sums)` for
+statistics over the val windows at every eval. Parallelism is applied from `parallel.py`.
 
     dualpath train CONFIG.yaml [key=value ...] [--steps N | --tokens N | --target-flops F] [--resume auto|PATH]
     torchrun --nproc_per_node N -m dualpath train CONFIG.yaml ...      (DDP: gloo on CPU, nccl on GPU)
@@ -113,11 +114,16 @@ def horizon(cfg: RunConfig, tokens_per_step: int, train_flops_per_token: float) 
 @torch.no_grad()
 def evaluate_split(model: nn.Module, batches: Batches, n_batches: int, batch_size: int, device, d: Dist,
                    autocast) -> dict:
-    """Mean loss and exact bits per byte over a fixed set of val windows (split across ranks)."""
+    """Mean loss and exact bits per byte over a fixed set of val windows (split across ranks), and the model's
+    own statistics over the same windows when it has `summary_sums(out)` / `summary_from_sums(sums)`: exact
+    sums per forward (made with return_diagnostics=True), added over every window and rank."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     tok_sum = torch.zeros((), dtype=torch.float64, device=device)
     byte_sum = torch.zeros((), dtype=torch.float64, device=device)
+    sums_of = getattr(model, "summary_sums", None)
+    extra = {"return_diagnostics": True} if sums_of is not None else {}
+    stat_sums: dict[str, torch.Tensor] = {}  # the same keys, in the same order, on every rank
     n_windows = batches.val_sampler.n_windows
     n_batches = max(1, min(n_batches, math.ceil(n_windows / batch_size)))
     # Every rank runs the same number of forwards (FSDP2 gathers weights collectively); spare ones count 0.
@@ -128,22 +134,31 @@ def evaluate_split(model: nn.Module, batches: Batches, n_batches: int, batch_siz
         count = min(batch_size, n_windows - start)
         x, y = batches.get("val", start, count, device)
         with autocast:
-            out = model(x, y, return_per_token_loss=True)
+            out = model(x, y, return_per_token_loss=True, **extra)
+        if sums_of is not None:
+            for k, v in sums_of(out).items():
+                v = v.to(device=device, dtype=torch.float64)
+                stat_sums[k] = stat_sums.get(k, torch.zeros_like(v)) + (v if real else 0)
         if not real:
             continue
         loss_sum += out.per_token_loss.double().sum()
         tok_sum += y.numel()
         if batches.byte_lengths is not None:
             byte_sum += batches.byte_lengths.to(device)[y].sum()
+    keys = list(stat_sums)
+    packed = [torch.stack([stat_sums[k] for k in keys])] if keys else []
     if d.enabled:
         import torch.distributed as dist
 
-        for t in (loss_sum, tok_sum, byte_sum):
+        for t in (loss_sum, tok_sum, byte_sum, *packed):
             dist.all_reduce(t)
     model.train()
     loss = (loss_sum / tok_sum.clamp(min=1)).item()
     bpb = (loss_sum / LN2 / byte_sum).item() if byte_sum.item() > 0 else float("nan")
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": bpb, "val_tokens": int(tok_sum.item())}
+    res = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": bpb, "val_tokens": int(tok_sum.item())}
+    if keys:
+        res.update(model.summary_from_sums(dict(zip(keys, packed[0].tolist()))))
+    return res
 
 
 def _rng_state(device) -> dict:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+
+from ..model import binary_entropy as _binary_entropy
 
 GATE_HIGH = 0.95  # a gate above this is saturated open
 GATE_LOW = 0.05  # a gate below this is saturated shut
@@ -76,12 +79,9 @@ def tag_layer_table(cap: dict, tags, key: str = "rho_deep", min_count: int = MIN
 
 
 def binary_entropy(p) -> np.ndarray:
-    """H(p) in bits (so in [0, 1]); 0 at p = 0 or 1."""
-    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h = -(np.where(p > 0, p * np.log2(np.where(p > 0, p, 1)), 0.0)
-              + np.where(p < 1, (1 - p) * np.log2(np.where(p < 1, 1 - p, 1)), 0.0))
-    return h
+    """H(p) in bits (so in [0, 1]); 0 at p = 0 or 1; NaN stays NaN. `model.binary_entropy` (the one
+    definition, which the training log uses too) on NumPy: float64 in, float64 out."""
+    return _binary_entropy(torch.from_numpy(np.array(p, dtype=np.float64))).numpy()
 
 
 def _frac(mask, valid) -> float:

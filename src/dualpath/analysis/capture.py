@@ -23,6 +23,7 @@ import torch
 
 from ..errors import DataError
 from ..model import Overrides, TokenChoice
+from ..model import deep_share as _deep_share
 
 LAYER_KEYS = ("gate_deep", "gate_wide", "delta_norm_deep", "delta_norm_wide", "cos_deep_wide", "expected_steps")
 TOKEN_KEYS = ("ids", "doc", "loss")
@@ -151,12 +152,11 @@ def capture_ids(model, docs: Sequence, *, bos: int | None = None, chunk_len: int
 
 def deep_share(g_d, g_w, norm_d, norm_w) -> np.ndarray:
     """ρ_d = g_d‖Δ_d‖ / (g_d‖Δ_d‖ + g_w‖Δ_w‖), computed in float64, returned as float32; NaN where the
-    denominator is 0."""
-    num = np.asarray(g_d, np.float64) * np.asarray(norm_d, np.float64)
-    den = num + np.asarray(g_w, np.float64) * np.asarray(norm_w, np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-    return rho.astype(np.float32)
+    denominator is 0. `model.deep_share` (the one definition, which the training log uses too) on NumPy."""
+    def t(a):
+        return torch.from_numpy(np.array(a, dtype=np.float64))  # a copy: writable, positive strides
+
+    return _deep_share(t(g_d), t(g_w), t(norm_d), t(norm_w)).numpy().astype(np.float32)
 
 
 def _is_int_seq(x) -> bool:
