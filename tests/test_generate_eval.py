@@ -112,9 +112,13 @@ def test_examples_per_category_and_answer_loss(tokenizer_json):
     assert math.isclose(tot / r["all"]["bytes"], r["all"]["bpb"], rel_tol=1e-9)
 
 
+def _checkpoint_model():
+    return perturbed_model(tiny_config("dual", K=2), seed=8)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tokenizer_json):
-    model = perturbed_model(tiny_config("dual", K=2), seed=8)
+    model = _checkpoint_model()
     return save_tiny_checkpoint(tmp_path_factory.mktemp("run"), model, tokenizer_json)
 
 
@@ -132,9 +136,36 @@ def test_eval_cli_ablation_table(checkpoint, tmp_path, capsys):
     assert res["variants"]["K=1"]["t"]["loss"] != res["variants"]["K=3"]["t"]["loss"]
 
 
-def test_generate_cli(checkpoint, capsys):
+def test_generate_cli(checkpoint, tokenizer_json, capsys):
+    """The CLI prints the prompt, then exactly the continuation that generate_tokens gives the checkpoint's model
+    (the same weights, rebuilt here) for <|endoftext|> + the prompt's tokens, then a newline."""
+    tok = load_tokenizer(tokenizer_json.parent)
+    eos = tok.token_to_id("<|endoftext|>")
+    prompt_ids = [eos] + tok.encode("ROMEO:").ids
+    model = _checkpoint_model()  # the weights the `checkpoint` fixture saved, built again
+
+    def expected(**kw) -> str:
+        ids = list(generate_tokens(model, prompt_ids, 5, eos_id=eos, **kw))
+        assert len(ids) == 5 and eos not in ids  # five real tokens: the comparison is not vacuous
+        text = tok.decode(ids)
+        assert text.strip()
+        return text
+
+    # sampled: the CLI's default temperature 0.8 with --seed 1
     assert main(["generate", str(checkpoint), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--seed", "1"]) == 0
-    assert capsys.readouterr().out.startswith("ROMEO:")
+    out = capsys.readouterr().out
+    assert out.startswith("ROMEO:")
+    sampled = expected(temperature=0.8, seed=1)
+    assert out == "ROMEO:" + sampled + "\n"
+    # greedy: --temperature 0 is argmax decoding, with and without the KV cache
+    greedy = expected(temperature=0.0)
+    for flags in ([], ["--no-cache"]):
+        assert main(["generate", str(checkpoint), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--temperature",
+                     "0", *flags]) == 0
+        assert capsys.readouterr().out == "ROMEO:" + greedy + "\n"
+    # another seed samples another continuation (the seed reaches the sampler)
+    others = {expected(temperature=0.8, seed=s) for s in range(2, 6)}
+    assert others - {sampled}
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 for _var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[_var] = "1"
@@ -25,6 +27,7 @@ from test_hf_export import make_checkpoint, train_test_tokenizer  # noqa: E402
 
 import dualpath.eval.lm_eval  # noqa: E402,F401  (registers --model dualpath)
 from dualpath.errors import DataError, DualPathError  # noqa: E402
+from dualpath.generate import generate_tokens  # noqa: E402
 from dualpath.hf import export_hf  # noqa: E402
 from dualpath.eval.lm_eval import DualPathEvalLM  # noqa: E402
 from dualpath.eval.tasks import TASKS_DIR, task_manager  # noqa: E402
@@ -60,6 +63,89 @@ def native_args(world, **kw):
 def evaluate(model, model_args, task, tm, limit, **kw):
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[task], limit=limit, device="cpu",
                                    task_manager=tm, log_samples=True, batch_size=kw.pop("batch_size", 32), **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# The metrics computed without lm-eval: the checkpoint's model, its own per-token losses and its tokenizer
+
+
+def reference(world, **overrides):
+    """(model, tokenizer, eot id, score) for the world's checkpoint; score(ids) is the summed log-likelihood of
+    ids[1:] given what precedes each token, in windows of at most the context (each token sees as many earlier
+    tokens as fit a window that ends right after it, the windows tiling the sequence from the left)."""
+    from dualpath.checkpoint import load_model
+    from dualpath.data.tokenizer import load_tokenizer
+    from dualpath.model import Overrides
+
+    model, cfg, folder = load_model(world["run"])
+    tok = load_tokenizer(folder)
+    eot = tok.token_to_id("<|endoftext|>")
+    ov = Overrides(**overrides)
+    T = cfg.model.seq_len
+
+    @torch.no_grad()
+    def score(ids: list[int], first: int = 1) -> float:
+        """Sum of log p(ids[i] | ids[<i]) over i >= first."""
+        total, done = 0.0, first - 1  # tokens ids[first:] are predicted; `done` of those positions are scored
+        while done < len(ids) - 1:
+            end = min(done + T, len(ids) - 1)  # predict ids[done+1 .. end]
+            start = max(0, end - T)
+            x, y = torch.tensor([ids[start:end]]), torch.tensor([ids[start + 1:end + 1]])
+            per_tok = model(x, y, overrides=ov, return_per_token_loss=True).per_token_loss[0]
+            total -= per_tok[done - start:].double().sum().item()
+            done = end
+        return total
+
+    return model, tok, eot, score
+
+
+def tokens_of(world, text: str) -> list[int]:
+    return reference(world)[1].encode(text).ids
+
+
+def text_metrics(world, docs: list[str], **overrides) -> dict:
+    """lm-eval's three perplexity metrics of documents scored as <|endoftext|> + the document's tokens."""
+    _, tok, eot, score = reference(world, **overrides)
+    ll = [score([eot] + tok.encode(d).ids) for d in docs]
+    nbytes = sum(len(d.encode("utf-8")) for d in docs)
+    nwords = sum(len(d.split()) for d in docs)
+    return {"ll": ll, "bits_per_byte": -sum(ll) / nbytes / math.log(2), "byte_perplexity": math.exp(-sum(ll) / nbytes),
+            "word_perplexity": math.exp(-sum(ll) / nwords)}
+
+
+def gsm8k_greedy(world, n: int, max_gen: int = 8, **overrides) -> tuple[list[dict], list[str]]:
+    """The first n GSM8K rows and the model's own greedy continuations of their prompts ("{question}\\n", no BOS):
+    max_gen tokens after the prompt's last 64 - max_gen tokens (the questions are longer than the context, and lm-eval
+    left-truncates so that the generation fits), cut at the task's stop sequence "\\n\\n"."""
+    from dualpath.model import Overrides
+
+    model, tok, eot, _ = reference(world)
+    keep = model.cfg.seq_len - max_gen
+    rows = [json.loads(line) for line in GSM8K.read_text(encoding="utf-8").splitlines()[:n]]
+    out = []
+    for row in rows:
+        prompt = tok.encode(row["question"] + "\n").ids
+        assert len(prompt) > keep
+        ids = list(generate_tokens(model, prompt[-keep:], max_gen, eos_id=eot, overrides=Overrides(**overrides)))
+        out.append(tok.decode([t for t in ids if t != eot]).split("\n\n")[0])
+    return rows, out
+
+
+def gsm8k_exact_match(generation: str, answer: str, strict: bool) -> float:
+    """The task's filters and metric, written out: the number after '#### ' (strict) or the last number in the
+    generation (flexible) against the number after '#### ' in the answer, ignoring commas, '$' and a final '.'."""
+    if strict:
+        m = re.findall(r"#### (-?[0-9.,]+)", generation)
+        got = m[0].strip() if m else "[invalid]"
+    else:
+        m = re.findall(r"-?[$0-9.,]{2,}|-?[0-9]+", generation)
+        got = m[-1].strip() if m else "[invalid]"
+
+    def norm(s: str) -> str:
+        s = re.sub(r"(?s).*#### ", "", s.replace(",", "").replace("$", ""))
+        return re.sub(r"\.$", "", s).lower()
+
+    return float(norm(got) == norm(answer))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,6 +256,15 @@ def test_text_ppl_task_hf_and_native(world):
     for x, y in zip(ll_nat, ll):
         assert abs(x - y) < 1e-4 * max(1.0, abs(y))
     assert abs(r_nat["results"]["dualpath_text_ppl"]["bits_per_byte,none"] - bpb) < 1e-6
+    # and from the model's own per-token losses over <|endoftext|> + each document, in context-sized windows
+    # (the second document is several windows long)
+    ref = text_metrics(world, docs)
+    assert len(tokens_of(world, docs[1])) > 2 * 64
+    for x, y in zip(ll, ref["ll"]):
+        assert abs(x - y) < 1e-4 * max(1.0, abs(y)), (x, y)
+    for key in ("bits_per_byte", "byte_perplexity", "word_perplexity"):
+        for r in (r_hf, r_nat):
+            assert r["results"]["dualpath_text_ppl"][f"{key},none"] == pytest.approx(ref[key], rel=1e-5), key
 
 
 @need_data
@@ -189,6 +284,14 @@ def test_gsm8k_task_hf_and_native(world, tasks):
     gen_hf = [s["resps"][0][0] for s in samples]
     gen_nat = [s["resps"][0][0] for s in r_nat["samples"]["dualpath_gsm8k_local"] if s["filter"] == "strict-match"]
     assert gen_hf == gen_nat
+    # ... and the model's own greedy decoding
+    rows, gen_ref = gsm8k_greedy(world, 3)
+    assert gen_hf == gen_ref and any(g.strip() for g in gen_ref)
+    # both exact-match scores are the mean of the task's rule applied to those generations, for both models
+    for key, strict in (("exact_match,strict-match", True), ("exact_match,flexible-extract", False)):
+        want = sum(gsm8k_exact_match(g, row["answer"], strict) for g, row in zip(gen_ref, rows)) / len(rows)
+        assert res[key] == pytest.approx(want, abs=1e-12), key
+        assert r_nat["results"]["dualpath_gsm8k_local"][key] == pytest.approx(want, abs=1e-12), key
 
 
 def test_gsm8k_regex_scores_a_correct_answer(tmp_path):
@@ -202,11 +305,11 @@ def test_gsm8k_regex_scores_a_correct_answer(tmp_path):
                        metadata={"gsm8k_path": str(path)}).load(["dualpath_gsm8k_local"])["tasks"]
     task = next(iter(task.values()))
     doc = next(iter(task.test_docs()))
-    ensemble = {f.name: f for f in task._filters}["strict-match"]
+    ensembles = {f.name: f for f in task._filters}
 
-    def score(generation: str) -> float:
+    def score(generation: str, name: str = "strict-match") -> float:
         resps = [[generation]]
-        for make_filter in ensemble.filters:
+        for make_filter in ensembles[name].filters:
             resps = list(make_filter().apply(resps, [doc]))
         return task.process_results(doc, [resps[0]])["exact_match"]
 
@@ -214,6 +317,12 @@ def test_gsm8k_regex_scores_a_correct_answer(tmp_path):
     assert score("She makes 9 * 2 = 18.\n#### 1,8") == 1.0  # commas are ignored, as in lm-eval's gsm8k
     assert score("She makes 19.\n#### 19") == 0.0
     assert score("She makes 18.") == 0.0  # strict: no #### marker
+    # the rule written out in this file (used to check the task's scores above) agrees with the task's own
+    for generation in ("She makes 9 * 2 = $18.\n#### 18", "She makes 9 * 2 = 18.\n#### 1,8", "She makes 19.\n#### 19",
+                       "She makes 18.", "#### 18.", "#### -18", "no number at all", "#### $18"):
+        assert gsm8k_exact_match(generation, rows[0]["answer"], strict=True) == score(generation), generation
+        assert gsm8k_exact_match(generation, rows[0]["answer"], strict=False) == score(generation, "flexible-extract")
+    assert score("She makes 9 * 2 = 18.", "flexible-extract") == 1.0  # the last number
 
 
 def _write_cloze_file(path: Path, n: int = 12) -> Path:
@@ -255,6 +364,26 @@ def test_cloze_task_native(world, tasks, tmp_path):
     s = r["samples"]["dualpath_synthetic_cloze"][0]
     assert len(s["resps"]) == len(s["doc"]["choices"]) == 4 and all(math.isfinite(x[0][0]) for x in s["resps"])
     assert json.dumps(s["doc"]["prompt"]) in json.dumps(s["arguments"]) and s["doc"]["prompt"].startswith("Q: ")
+    # every choice's log-likelihood from the model's per-token losses over prompt + choice (the prompt's trailing
+    # space goes with the choice, as lm-eval splits a pair), then acc (argmax) and acc_norm (argmax per character)
+    _, tok, _, score = reference(world)
+    samples = r["samples"]["dualpath_synthetic_cloze"]
+    assert len(samples) == 4
+    acc = acc_norm = 0.0
+    for s in samples:
+        doc = s["doc"]
+        ctx = doc["prompt"].rstrip()
+        lls = [score(tok.encode(doc["prompt"] + c).ids, first=len(tok.encode(ctx).ids)) for c in doc["choices"]]
+        for (got, _), want in zip((x[0] for x in s["resps"]), lls):
+            assert abs(got - want) < 1e-4 * max(1.0, abs(want)), (got, want)
+        norm = [ll / len(c) for ll, c in zip(lls, doc["choices"])]
+        for v in (lls, norm):  # no near-tie could flip the argmax between the two computations
+            top = sorted(v, reverse=True)
+            assert top[0] - top[1] > 1e-3
+        acc += float(max(range(4), key=lambda i: lls[i]) == doc["label"]) / len(samples)
+        acc_norm += float(max(range(4), key=lambda i: norm[i]) == doc["label"]) / len(samples)
+    assert res["acc,none"] == pytest.approx(acc, abs=1e-12)
+    assert res["acc_norm,none"] == pytest.approx(acc_norm, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,6 +436,12 @@ def test_text_task_on_another_file_via_metadata(world, tmp_path):
     r = evaluate("dualpath", native_args(world), "dualpath_text_ppl", tm, limit=None)
     assert len(r["samples"]["dualpath_text_ppl"]) == 3
     assert math.isfinite(r["results"]["dualpath_text_ppl"]["bits_per_byte,none"])
+    # the three paragraphs of that file, scored by the model itself
+    docs = ["First Citizen:\nBefore we proceed.", "All:\nSpeak, speak.", "First Citizen:\nYou are all resolved."]
+    assert [s["doc"]["text"] for s in r["samples"]["dualpath_text_ppl"]] == docs
+    ref = text_metrics(world, docs)
+    for key in ("bits_per_byte", "byte_perplexity", "word_perplexity"):
+        assert r["results"]["dualpath_text_ppl"][f"{key},none"] == pytest.approx(ref[key], rel=1e-5), key
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,6 +466,17 @@ def test_lm_eval_cli_hf(world, tmp_path):
     res = _run(cmd, tmp_path)["results"]
     assert math.isfinite(res["dualpath_text_ppl"]["bits_per_byte,none"])
     assert 0.0 <= res["dualpath_gsm8k_local"]["exact_match,strict-match"] <= 1.0
+    # the same numbers from the model itself at K=3: the first two wikitext articles (the default split), and
+    # the task's rule on its own greedy generations
+    docs = task_utils.split_text(WIKITEXT.read_text(encoding="utf-8"))[:2]
+    ref = text_metrics(world, docs, K=3)
+    assert ref["bits_per_byte"] != pytest.approx(text_metrics(world, docs)["bits_per_byte"], rel=1e-4)  # K matters
+    for key in ("bits_per_byte", "byte_perplexity", "word_perplexity"):
+        assert res["dualpath_text_ppl"][f"{key},none"] == pytest.approx(ref[key], rel=1e-5), key
+    rows, gens = gsm8k_greedy(world, 2, K=3)
+    for key, strict in (("exact_match,strict-match", True), ("exact_match,flexible-extract", False)):
+        want = sum(gsm8k_exact_match(g, row["answer"], strict) for g, row in zip(gens, rows)) / len(rows)
+        assert res["dualpath_gsm8k_local"][key] == pytest.approx(want, abs=1e-12), key
 
 
 @pytest.mark.slow
@@ -342,3 +488,9 @@ def test_lm_eval_cli_native_wrapper(world, tmp_path):
            "--metadata", json.dumps({"text_path": str(f)}), "--output_path", str(tmp_path / "out")]
     res = _run(cmd, tmp_path)["results"]
     assert math.isfinite(res["dualpath_text_ppl"]["word_perplexity,none"])
+    # the model itself with K=1 and both gates at 0.5, on the file's two paragraphs
+    docs = ["First Citizen:\nBefore we proceed.", "All:\nSpeak, speak."]
+    ref = text_metrics(world, docs, K=1, gates="both=0.5")
+    assert ref["word_perplexity"] != pytest.approx(text_metrics(world, docs)["word_perplexity"], rel=1e-2)
+    for key in ("bits_per_byte", "byte_perplexity", "word_perplexity"):
+        assert res["dualpath_text_ppl"][f"{key},none"] == pytest.approx(ref[key], rel=1e-5), key

@@ -762,5 +762,26 @@ def test_quick_demo(tmp_path):
     # both arms got the same FLOP budget, up to one step
     f = [r["train_flops"] for r in results]
     assert max(f) <= 4e11 and min(f) > 0
+    # exactly: each arm ran floor(budget / FLOPs per step) whole steps of its own model, and spent exactly
+    # train_flops_per_token(seq_len) * tokens, recomputed here from the checkpoint's model and config
+    per_step = []
+    for r in results:
+        model, cfg, ckpt = ckpt_io.load_model(r["checkpoint"])
+        run_dir = tmp_path / "demo" / r["arch"]
+        assert ckpt == ckpt_io.resolve(run_dir)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        start = records(run_dir)[0]
+        fpt = model.train_flops_per_token(cfg.model.seq_len)
+        tokens_per_step = cfg.data.batch_size * cfg.train.grad_accum * cfg.model.seq_len
+        flops_per_step = fpt * tokens_per_step
+        per_step.append(flops_per_step)
+        assert cfg.train.target_flops == 4e11 and not cfg.train.steps and not cfg.train.tokens
+        assert start["train_flops_per_token"] == pytest.approx(fpt, rel=1e-12)
+        assert start["tokens_per_step"] == tokens_per_step and start["total_steps"] == summary["step"]
+        assert summary["step"] == math.floor(4e11 / flops_per_step) >= 1
+        assert r["tokens"] == summary["tokens"] == summary["step"] * tokens_per_step
+        assert r["train_flops"] == summary["flops"] == pytest.approx(fpt * r["tokens"], rel=1e-12)
+        assert 4e11 - flops_per_step < r["train_flops"] <= 4e11
+    assert max(f) - min(f) < max(per_step)  # the same budget, up to one step of the costlier arm
     assert (tmp_path / "demo" / "results.json").is_file()
     assert "| model |" in result["table"] and any("[4/4]" in ln for ln in lines)
