@@ -4,7 +4,9 @@ separation between the training stream and the held-out evaluation splits."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import re
 import string
 import time
@@ -13,8 +15,9 @@ import pytest
 
 from dualpath.config import from_dict
 from dualpath.data import synthetic as syn
-from dualpath.data.synthetic import (CATEGORIES, EVAL_QUESTIONS, RELATIONS, STATEMENTS, TRAIN_QUESTIONS,
-                                     SyntheticConfig, build_world, eval_examples, held_out, train_documents)
+from dualpath.data.synthetic import (CATEGORIES, DIALS, EVAL_QUESTIONS, RELATIONS, STATEMENTS, TRAIN_QUESTIONS,
+                                     SyntheticConfig, build_recall, build_world, by_dial, eval_examples,
+                                     held_out, parse_dial, train_documents)
 from dualpath.errors import ConfigError, DataError
 
 N_TRAIN = 5000
@@ -190,8 +193,9 @@ def test_generation_is_fast(cfg):
 # Evaluation examples
 
 
-def test_eval_examples_are_consistent(evals):
-    assert [e["category"] for e in evals] == [c for c in CATEGORIES for _ in range(200)]
+def test_eval_examples_are_consistent(cfg, evals):
+    assert cfg.trained_categories() == ("fact", "arith", "program", "gsm")
+    assert [e["category"] for e in evals] == [c for c in cfg.trained_categories() for _ in range(200)]
     for e in evals:
         assert set(e) == {"category", "text", "prompt", "answer", "answer_start", "answer_end"}
         assert e["text"][e["answer_start"]:e["answer_end"]] == e["answer"] != ""
@@ -342,9 +346,13 @@ def test_config_loads_from_plain_mapping():
     ("min_digits", 0), ("max_digits", 0), ("program_depth_min", 0), ("program_depth_max", 1),
     ("program_depth_max", 21), ("mix_arith", -0.1), ("qa_prob", 1.5), ("holdout_fraction", 0.0),
     ("holdout_fraction", 0.9), ("mix_gsm", float("nan")), ("seed", 1.5), ("n_entities", "200"),
+    ("mix_recall", -1.0), ("mix_chain", float("inf")), ("mix_chain", "1"), ("recall_facts", 0),
+    ("recall_facts", 100_001), ("recall_facts", 2.0), ("recall_value_digits", 0), ("recall_value_digits", 7),
+    ("chain_steps_min", 0), ("chain_steps_min", 31), ("chain_steps_max", 1), ("chain_steps_max", 31),
+    ("chain_steps_max", True),
 ])
 def test_config_rejects_bad_values(field, value):
-    cfg = dataclasses.replace(SyntheticConfig(min_digits=2, program_depth_min=2), **{field: value})
+    cfg = dataclasses.replace(SyntheticConfig(min_digits=2, program_depth_min=2, chain_steps_min=2), **{field: value})
     with pytest.raises(ConfigError, match=field) as info:
         cfg.validate()
     assert "\n" not in str(info.value)
@@ -353,6 +361,9 @@ def test_config_rejects_bad_values(field, value):
 def test_config_rejects_zero_mix():
     with pytest.raises(ConfigError, match="mix_facts"):
         SyntheticConfig(mix_facts=0, mix_arith=0, mix_programs=0, mix_gsm=0).validate()
+    with pytest.raises(ConfigError, match="mix_chain"):
+        SyntheticConfig(mix_facts=0, mix_arith=0, mix_programs=0, mix_gsm=0, mix_recall=0).validate()
+    SyntheticConfig(mix_facts=0, mix_arith=0, mix_programs=0, mix_gsm=0, mix_chain=0.1).validate()
     with pytest.raises(ConfigError):
         next(train_documents(SyntheticConfig(n_relations=9)))
     with pytest.raises(ConfigError, match="n_per_category"):
@@ -362,3 +373,258 @@ def test_config_rejects_zero_mix():
 def test_too_small_a_problem_space_is_a_data_error():
     with pytest.raises(DataError, match="arith"):
         eval_examples(SyntheticConfig(min_digits=1, max_digits=1), 500)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The default corpus is byte-identical to the one before recall and chain existed
+
+def stream_digest(cfg: SyntheticConfig, n: int = 2000) -> str:
+    d = hashlib.sha256()
+    for doc in itertools.islice(train_documents(cfg), n):
+        d.update(doc.encode())
+        d.update(b"\x00")
+    return d.hexdigest()
+
+
+def eval_digest(cfg: SyntheticConfig, n: int = 50) -> str:
+    return hashlib.sha256(json.dumps(eval_examples(cfg, n), sort_keys=True).encode()).hexdigest()
+
+
+# Computed with the code before the recall and chain categories were added.
+LEGACY = [
+    ({}, "1642614c87bca7ffb726dfc72fde331a670d4b0b31199f18c35181d665d61505",
+     "16995aa0d93d88e9df441b41cb33030bb7adf75fb4ef963bcc8101c620622304"),
+    (dict(seed=3, mix_facts=0.1, mix_gsm=0.7, n_entities=50),
+     "834a0e47ccdb8c7f4eb14cf4253682cfdf06b4dd0e94c077dd7f6d1bc351a88d",
+     "d55966c2d325ecceae69c29e79e37790bc860051381afac6c75fa00c034f38aa"),
+]
+
+
+@pytest.mark.parametrize("knobs,stream,evals_hash", LEGACY)
+def test_legacy_corpora_are_byte_identical(knobs, stream, evals_hash):
+    cfg = SyntheticConfig(**knobs)
+    assert stream_digest(cfg) == stream
+    assert eval_digest(cfg) == evals_hash
+    # The new knobs do nothing while their mixes are 0.
+    other = dataclasses.replace(cfg, recall_facts=7, recall_value_digits=1, chain_steps_min=9, chain_steps_max=9)
+    assert stream_digest(other, 500) == stream_digest(cfg, 500)
+    assert eval_examples(other, 20) == eval_examples(cfg, 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# The mechanism tasks: recall (capacity) and chain (compute)
+
+CHAIN_LINE = re.compile(r"(\d)((?: [-+*]\d)+) = (\d)")
+RECALL_LINE = re.compile(r"([a-z]+) : (\d+)")
+ONLY_NEW = dict(mix_facts=0, mix_arith=0, mix_programs=0, mix_gsm=0, mix_recall=1, mix_chain=1)
+
+
+def chain_answer(prompt: str) -> tuple[int, int]:
+    """(answer, steps) of '7 +3 *3 -5 = ', computed here: the ops are applied one by one, modulo 10."""
+    start, *ops = prompt.removesuffix(" = ").split(" ")
+    x = int(start)
+    for t in ops:
+        op, d = t[0], int(t[1:])
+        assert 1 <= d <= 9 and (op != "*" or d in (3, 7, 9)), t
+        x = {"+": x + d, "-": x - d, "*": x * d}[op] % 10
+    return x, len(ops)
+
+
+@pytest.fixture(scope="module")
+def mcfg() -> SyntheticConfig:
+    return SyntheticConfig(**ONLY_NEW, recall_facts=300, recall_value_digits=3, chain_steps_min=1,
+                           chain_steps_max=5)
+
+
+@pytest.fixture(scope="module")
+def mtrain(mcfg) -> list[str]:
+    return take(mcfg, 6000)
+
+
+@pytest.fixture(scope="module")
+def mevals(mcfg) -> list[dict]:
+    return eval_examples(mcfg, 200)
+
+
+def lines_of(docs: list[str], rx: re.Pattern) -> list[re.Match]:
+    out = []
+    for d in docs:
+        for ln in d.split("\n"):
+            m = rx.fullmatch(ln)
+            assert m, ln
+            out.append(m)
+    return out
+
+
+def test_mechanism_stream_is_deterministic(mcfg, mtrain, mevals):
+    assert take(mcfg, 300) == mtrain[:300]
+    assert eval_examples(mcfg, 200) == mevals
+    other = take(dataclasses.replace(mcfg, seed=1), 300)
+    assert sum(a != b for a, b in zip(other, mtrain)) > 250
+    assert sum(a != b for a, b in zip(take(mcfg, 300, seed_offset=1), mtrain)) > 250
+    assert build_recall(mcfg) == build_recall(mcfg) != build_recall(dataclasses.replace(mcfg, seed=1))
+
+
+def test_mix_selects_the_mechanism_documents(mcfg, mtrain):
+    recall = [d for d in mtrain if RECALL_LINE.match(d)]
+    chain = [d for d in mtrain if CHAIN_LINE.match(d)]
+    assert len(recall) + len(chain) == len(mtrain) and 0.45 < len(recall) / len(mtrain) < 0.55
+    only = take(dataclasses.replace(mcfg, mix_chain=0), 100)
+    assert all(RECALL_LINE.match(d) for d in only)
+    only = take(dataclasses.replace(mcfg, mix_recall=0), 100)
+    assert all(CHAIN_LINE.match(d) for d in only)
+    mixed = take(SyntheticConfig(mix_recall=0.2, mix_chain=0.2), 1000)
+    assert any(d.startswith("Question: ") for d in mixed)
+    assert any(RECALL_LINE.fullmatch(d.split("\n")[0]) for d in mixed)
+    assert any(CHAIN_LINE.fullmatch(d.split("\n")[0]) for d in mixed)
+
+
+def test_recall_world_is_well_formed(mcfg):
+    facts = build_recall(mcfg)
+    keys = [k for k, _ in facts]
+    assert len(facts) == mcfg.recall_facts == len(set(keys))
+    for k, v in facts:
+        assert re.fullmatch(r"[a-z]{2,}", k) and re.fullmatch(r"[1-9]\d\d", v)
+    # A smaller world is a prefix of a larger one; the value width is a knob.
+    assert build_recall(dataclasses.replace(mcfg, recall_facts=50)) == facts[:50]
+    assert all(len(v) == 1 for _, v in build_recall(dataclasses.replace(mcfg, recall_value_digits=1)))
+    assert all(len(v) == 5 for _, v in build_recall(dataclasses.replace(mcfg, recall_value_digits=5)))
+
+
+def test_recall_training_states_every_fact_equally_often():
+    cfg = SyntheticConfig(mix_facts=0, mix_arith=0, mix_programs=0, mix_gsm=0, mix_recall=1, recall_facts=97)
+    world = dict(build_recall(cfg))
+    lines = lines_of(take(cfg, 400), RECALL_LINE)
+    counts: dict[str, int] = {}
+    for m in lines:
+        assert world[m.group(1)] == m.group(2)  # every stated fact is the world's
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    assert len(lines) > 10 * len(world) and set(counts) == set(world)
+    assert max(counts.values()) - min(counts.values()) <= 1  # shuffled passes over the world
+
+
+def test_training_chains_are_correct_and_never_held_out(mcfg, mtrain):
+    lines = lines_of([d for d in mtrain if CHAIN_LINE.match(d)], CHAIN_LINE)
+    assert len(lines) > 10_000
+    steps, ops = set(), set()
+    for m in lines:
+        prompt = m.group(0).rsplit(" ", 1)[0] + " "
+        answer, k = chain_answer(prompt)
+        assert answer == int(m.group(3)), m.group(0)
+        assert not held_out("chain/" + prompt.removesuffix(" = ").replace(" ", ""), mcfg.holdout_fraction)
+        steps.add(k)
+        ops |= {t[0] for t in m.group(2).split()}
+    assert steps == set(range(mcfg.chain_steps_min, mcfg.chain_steps_max + 1)) and ops == set("+-*")
+
+
+def test_chain_steps_are_bijections_of_the_digits():
+    # No step loses information, so the answer depends on the start and on every step.
+    for op, d in [("+", d) for d in range(1, 10)] + [("-", d) for d in range(1, 10)] + \
+            [("*", d) for d in syn.CHAIN_MULTIPLIERS]:
+        assert sorted(syn.chain_value(x, [(op, d)]) for x in range(10)) == list(range(10))
+
+
+def test_mechanism_eval_examples(mcfg, mevals):
+    assert [e["category"] for e in mevals] == ["recall"] * 200 + ["chain"] * 200
+    world = dict(build_recall(mcfg))
+    for e in mevals:
+        assert set(e) == {"category", "text", "prompt", "answer", "answer_start", "answer_end",
+                          DIALS[e["category"]]}
+        assert e["text"][e["answer_start"]:e["answer_end"]] == e["answer"]
+        assert e["prompt"] == e["text"][:e["answer_start"]] and e["answer_end"] == len(e["text"])
+        if e["category"] == "recall":
+            key = RECALL_LINE.fullmatch(e["text"]).group(1)
+            assert e["prompt"] == f"{key} : " and e["answer"] == world[key] and e["facts"] == 300
+        else:
+            answer, k = chain_answer(e["prompt"])
+            assert str(answer) == e["answer"] and e["steps"] == k
+            assert held_out("chain/" + e["prompt"].removesuffix(" = ").replace(" ", ""), mcfg.holdout_fraction)
+    for c in ("recall", "chain"):
+        texts = [e["text"] for e in mevals if e["category"] == c]
+        assert len(set(texts)) == len(texts)
+    # Round robin over the step counts; steps=1 has only 10 * 21 problems, ~5% held out, and runs dry.
+    per_step = [sum(e.get("steps") == k for e in mevals) for k in range(1, 6)]
+    assert 0 < per_step[0] < 20 and max(per_step[1:]) - min(per_step[1:]) <= 1
+
+
+def test_mechanism_eval_prefix_and_step_streams(mcfg, mevals):
+    small = eval_examples(mcfg, 17)
+    for c in ("recall", "chain"):
+        assert [e for e in small if e["category"] == c] == [e for e in mevals if e["category"] == c][:17]
+    # The problems for one step count do not depend on the configured range.
+    three = eval_examples(dataclasses.replace(mcfg, chain_steps_min=3, chain_steps_max=3), 30, ["chain"])
+    assert [e["text"] for e in three][:20] == [e["text"] for e in mevals if e.get("steps") == 3][:20]
+
+
+def test_held_out_chains_never_appear_in_training(mcfg, mevals):
+    train_prompts = set()
+    for d in take(mcfg, 20_000):
+        if CHAIN_LINE.match(d):
+            train_prompts |= {ln.rsplit(" ", 1)[0] + " " for ln in d.split("\n")}
+    assert len(train_prompts) > 20_000
+    chains = [e for e in mevals if e["category"] == "chain"]
+    assert not {e["prompt"] for e in chains} & train_prompts
+    # The sample is large enough to have found them: short chains are (nearly) all there.
+    short = {f"{s} {op}{d} = " for s in range(10) for op in "+-" for d in range(1, 10)}
+    short |= {f"{s} *{d} = " for s in range(10) for d in syn.CHAIN_MULTIPLIERS}
+    missing = short - train_prompts
+    assert missing == {p for p in short if held_out("chain/" + p.removesuffix(" = ").replace(" ", ""), 0.05)}
+
+
+def test_recall_eval_facts_are_in_training_by_design(mcfg, mevals, mtrain):
+    stated = {ln for d in mtrain if RECALL_LINE.match(d) for ln in d.split("\n")}
+    for e in mevals:
+        if e["category"] == "recall":
+            assert e["text"] in stated
+
+
+def test_eval_categories_follow_the_mix_or_the_argument(mcfg):
+    assert {e["category"] for e in eval_examples(dataclasses.replace(mcfg, mix_recall=0), 5)} == {"chain"}
+    got = eval_examples(SyntheticConfig(mix_chain=0.5), 3)
+    assert [e["category"] for e in got] == [c for c in ("fact", "arith", "program", "gsm", "chain") for _ in range(3)]
+    assert eval_examples(SyntheticConfig(mix_chain=0.5), 3)[:12] == eval_examples(SyntheticConfig(), 3)
+    got = eval_examples(mcfg, 4, categories=["chain", "gsm"])
+    assert [e["category"] for e in got] == ["gsm"] * 4 + ["chain"] * 4
+    assert eval_examples(mcfg, 4, categories=()) == []
+    with pytest.raises(ConfigError, match="unknown synthetic category 'chains'"):
+        eval_examples(mcfg, 4, categories=["chains"])
+
+
+def test_mechanism_eval_too_small(mcfg):
+    # Recall holds nothing out: a world smaller than n gives all of its facts, once each.
+    small = dataclasses.replace(mcfg, recall_facts=10)
+    got = eval_examples(small, 200, ["recall"])
+    assert sorted((e["prompt"], e["answer"]) for e in got) == sorted((f"{k} : ", v) for k, v in build_recall(small))
+    assert eval_examples(small, 4, ["recall"]) == got[:4]
+    with pytest.raises(DataError, match="chain"):
+        eval_examples(dataclasses.replace(mcfg, chain_steps_max=1), 50)
+
+
+def test_by_dial_names_every_dial_value(mevals):
+    binned = by_dial(mevals)
+    assert len(binned) == len(mevals) and binned[0]["category"] == "recall@facts=300"
+    assert {e["category"] for e in binned if e["category"].startswith("chain")} == \
+        {f"chain@steps={k}" for k in range(1, 6)}
+    for e, b in zip(mevals, binned):
+        assert parse_dial(b["category"]) == (e["category"], DIALS[e["category"]], e[DIALS[e["category"]]])
+        assert {k: v for k, v in b.items() if k != "category"} == {k: v for k, v in e.items() if k != "category"}
+    plain = {"category": "arith", "text": "1 + 1 = 2"}
+    assert by_dial([plain]) == [plain] and parse_dial("arith") == ("arith", None, None)
+    assert set(DIALS) <= set(CATEGORIES)
+
+
+def test_new_defaults():
+    cfg = SyntheticConfig()
+    assert (cfg.mix_recall, cfg.mix_chain) == (0, 0)
+    assert (cfg.recall_facts, cfg.recall_value_digits, cfg.chain_steps_min, cfg.chain_steps_max) == (100, 2, 1, 3)
+    got = eval_examples(dataclasses.replace(cfg, **ONLY_NEW), 100)
+    assert [e["category"] for e in got] == ["recall"] * 100 + ["chain"] * 100
+    assert {e["steps"] for e in got if e["category"] == "chain"} == {1, 2, 3}
+
+
+def test_new_knobs_load_from_a_plain_mapping():
+    cfg = from_dict(SyntheticConfig, {"mix_recall": 1, "mix_chain": "0.5", "recall_facts": 64,
+                                      "recall_value_digits": 2, "chain_steps_min": 3, "chain_steps_max": 6})
+    assert cfg.validate() is cfg and cfg.trained_categories() == CATEGORIES
+    assert (cfg.recall_facts, cfg.chain_steps_min, cfg.chain_steps_max, cfg.mix_chain) == (64, 3, 6, 0.5)

@@ -7,9 +7,15 @@ Two kinds of documents, so that the Dual-Path claim can be tested at laptop scal
 * compute: multi-digit arithmetic, chained variable programs and GSM8K-style worked problems.
   Answering them needs sequential steps, which a deep (looped) path should supply.
 
-The held-out evaluation splits ask for seen facts in unseen phrasings, and for arithmetic, programs and
-word problems that the training stream never emits (held out by a hash of the canonical problem).
-See docs/SYNTHETIC.md.
+Two small mechanism tasks with one dial each, off by default (mix 0), sized for laptop-scale models:
+
+* recall (capacity): `recall_facts` made-up "key : value" facts, stated in the query format itself;
+  pure memorisation, so every eval fact is in training by design;
+* chain (compute): a start digit and `chain_steps` dependent invertible operations modulo 10.
+
+The held-out evaluation splits ask for seen facts in unseen phrasings, and for arithmetic, programs,
+word problems and chains that the training stream never emits (held out by a hash of the canonical
+problem). See docs/SYNTHETIC.md.
 """
 
 from __future__ import annotations
@@ -22,7 +28,12 @@ from typing import Callable, Iterator
 
 from ..errors import ConfigError, DataError
 
-CATEGORIES: tuple[str, ...] = ("fact", "arith", "program", "gsm")
+CATEGORIES: tuple[str, ...] = ("fact", "arith", "program", "gsm", "recall", "chain")
+# The mix weight of each category; eval_examples covers the categories whose weight is > 0.
+MIX_FIELDS: dict[str, str] = {"fact": "mix_facts", "arith": "mix_arith", "program": "mix_programs",
+                              "gsm": "mix_gsm", "recall": "mix_recall", "chain": "mix_chain"}
+# The dial an eval example of these categories carries as an extra field (see by_dial).
+DIALS: dict[str, str] = {"recall": "facts", "chain": "steps"}
 
 # Relations are functional (one per type per person) and asymmetric, so "Who is X's mentor?" has one
 # answer; symmetric ones such as sibling would make the reverse question ambiguous.
@@ -44,6 +55,10 @@ JOBS: tuple[str, ...] = (
 
 YEAR_MIN, YEAR_MAX = 1920, 2005
 MAX_CITIES = 2000  # the city-name generator has about 8,800 distinct names; stay well inside it
+RECALL_FACTS_DEFAULT = 100  # calibrated: see docs/SYNTHETIC.md
+RECALL_FACTS_MAX = 100_000
+RECALL_TWO_SYLLABLES_MAX = 10_000  # 2-syllable keys (33,856 exist) up to here, 3-syllable ones above
+CHAIN_STEPS_MAX = 30
 
 # ---------------------------------------------------------------------------------------------
 # Templates. Placeholders: name, city, job, a_job, year, rel, a_rel, other.
@@ -144,16 +159,24 @@ class SyntheticConfig:
     mix_programs: float = 0.2
     mix_gsm: float = 0.1
     qa_prob: float = 0.3  # chance a fact document ends with Q/A pairs in training phrasings
-    holdout_fraction: float = 0.05  # share of arith/program/gsm problems reserved for eval, by hash
+    holdout_fraction: float = 0.05  # share of arith/program/gsm/chain problems reserved for eval, by hash
+    # The mechanism tasks (off by default, so the default corpus is unchanged).
+    mix_recall: float = 0.0
+    mix_chain: float = 0.0
+    recall_facts: int = RECALL_FACTS_DEFAULT  # capacity dial: distinct "key : value" facts in the recall world
+    recall_value_digits: int = 2  # digits of a recall value (1: 0-9, d > 1: uniform over d-digit numbers)
+    chain_steps_min: int = 1  # compute dial: dependent mod-10 operations per chain, uniform in [min, max]
+    chain_steps_max: int = 3
 
     def validate(self) -> "SyntheticConfig":
         ints = ("seed", "n_entities", "n_relations", "n_cities", "min_digits", "max_digits",
-                "program_depth_min", "program_depth_max")
+                "program_depth_min", "program_depth_max", "recall_facts", "recall_value_digits",
+                "chain_steps_min", "chain_steps_max")
         for name in ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConfigError(f"synthetic.{name} must be an integer, got {v!r}")
-        for name in ("mix_facts", "mix_arith", "mix_programs", "mix_gsm", "qa_prob", "holdout_fraction"):
+        for name in (*MIX_FIELDS.values(), "qa_prob", "holdout_fraction"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ConfigError(f"synthetic.{name} must be a finite number, got {v!r}")
@@ -174,11 +197,22 @@ class SyntheticConfig:
         if not self.program_depth_min <= self.program_depth_max <= 20:
             raise ConfigError(f"synthetic.program_depth_max must be in [program_depth_min="
                               f"{self.program_depth_min}, 20], got {self.program_depth_max}")
-        for name in ("mix_facts", "mix_arith", "mix_programs", "mix_gsm"):
+        if not 1 <= self.recall_facts <= RECALL_FACTS_MAX:
+            raise ConfigError(f"synthetic.recall_facts must be in [1, {RECALL_FACTS_MAX}], got {self.recall_facts}")
+        if not 1 <= self.recall_value_digits <= 6:
+            raise ConfigError(f"synthetic.recall_value_digits must be in [1, 6], got {self.recall_value_digits}")
+        if not 1 <= self.chain_steps_min <= CHAIN_STEPS_MAX:
+            raise ConfigError(f"synthetic.chain_steps_min must be in [1, {CHAIN_STEPS_MAX}], "
+                              f"got {self.chain_steps_min}")
+        if not self.chain_steps_min <= self.chain_steps_max <= CHAIN_STEPS_MAX:
+            raise ConfigError(f"synthetic.chain_steps_max must be in [chain_steps_min={self.chain_steps_min}, "
+                              f"{CHAIN_STEPS_MAX}], got {self.chain_steps_max}")
+        for name in MIX_FIELDS.values():
             if getattr(self, name) < 0:
                 raise ConfigError(f"synthetic.{name} must be >= 0, got {getattr(self, name)}")
-        if self.mix_facts + self.mix_arith + self.mix_programs + self.mix_gsm <= 0:
-            raise ConfigError("synthetic.mix_facts/mix_arith/mix_programs/mix_gsm must not all be 0")
+        if sum(getattr(self, name) for name in MIX_FIELDS.values()) <= 0:
+            raise ConfigError("synthetic.mix_facts/mix_arith/mix_programs/mix_gsm/mix_recall/mix_chain "
+                              "must not all be 0")
         if not 0 <= self.qa_prob <= 1:
             raise ConfigError(f"synthetic.qa_prob must be in [0, 1], got {self.qa_prob}")
         if not 0 < self.holdout_fraction <= 0.5:
@@ -187,6 +221,10 @@ class SyntheticConfig:
 
     def city_count(self) -> int:
         return self.n_cities or min(MAX_CITIES, max(10, self.n_entities // 8))
+
+    def trained_categories(self) -> tuple[str, ...]:
+        """The categories whose mix weight is > 0, in the order of CATEGORIES."""
+        return tuple(c for c in CATEGORIES if getattr(self, MIX_FIELDS[c]) > 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,6 +536,60 @@ def _gsm(rng: random.Random, first_names: list[str]) -> tuple[str, str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Recall (capacity): "zamo : 417". A world of recall_facts made-up keys, each with one value. The training
+# documents state the facts in exactly the query format, so recall is memorisation by design.
+
+
+def build_recall(cfg: SyntheticConfig) -> tuple[tuple[str, str], ...]:
+    """The recall world: recall_facts (key, value) pairs with distinct lowercase keys.
+
+    Depends only on seed, recall_facts and recall_value_digits. Facts are drawn one after the other, so a
+    smaller world is a prefix of a larger one (while both use keys of the same syllable count)."""
+    cfg.validate()
+    rng = random.Random(f"dualpath.synthetic/recall/{cfg.seed}")
+    syllables = 2 if cfg.recall_facts <= RECALL_TWO_SYLLABLES_MAX else 3
+    facts: list[tuple[str, str]] = []
+    taken: set[str] = set()
+    while len(facts) < cfg.recall_facts:
+        key = "".join(_syllable(rng) for _ in range(syllables))
+        value = str(_number(rng, cfg.recall_value_digits))
+        if key not in taken:
+            taken.add(key)
+            facts.append((key, value))
+    return tuple(facts)
+
+
+def recall_line(key: str, value: str) -> str:
+    return f"{key} : {value}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Chains (compute): "7 +3 *3 -5 = 3" is ((7 + 3) * 3 - 5) mod 10. Every operation is a bijection of the
+# digits 0-9 (adding or subtracting 1-9, multiplying by 3, 7 or 9, which are coprime to 10), so the
+# answer depends on the start digit and on every step: no step can be skipped and no prefix forgotten.
+
+CHAIN_MULTIPLIERS = (3, 7, 9)
+
+
+def chain_value(start: int, ops: list[tuple[str, int]]) -> int:
+    x = start
+    for op, d in ops:
+        x = (x + d if op == "+" else x - d if op == "-" else x * d) % 10
+    return x
+
+
+def _chain(rng: random.Random, steps: int) -> tuple[str, str, str]:
+    """(key, prompt, answer); the key is the whole problem, e.g. "chain/7+3*3-5"."""
+    start = rng.randrange(10)
+    ops = []
+    for _ in range(steps):
+        op = rng.choice("+-*")
+        ops.append((op, rng.choice(CHAIN_MULTIPLIERS) if op == "*" else rng.randint(1, 9)))
+    terms = [f"{op}{d}" for op, d in ops]
+    return f"chain/{start}{''.join(terms)}", f"{start} {' '.join(terms)} = ", str(chain_value(start, ops))
+
+
+# ---------------------------------------------------------------------------------------------
 # Training stream
 
 
@@ -533,6 +625,10 @@ def _fact_doc(rng: random.Random, cfg: SyntheticConfig, by_name: dict[str, Entit
     return text
 
 
+RECALL_LINES_MIN, RECALL_LINES_MAX = 4, 8  # facts per recall document
+CHAIN_LINES_MIN, CHAIN_LINES_MAX = 4, 8  # problems per chain document
+
+
 def _draw_train(rng: random.Random, cfg: SyntheticConfig, draw: Callable[[], tuple[str, str, str]]) -> str:
     while True:
         key, prompt, answer = draw()
@@ -543,17 +639,28 @@ def _draw_train(rng: random.Random, cfg: SyntheticConfig, draw: Callable[[], tup
 def train_documents(cfg: SyntheticConfig, seed_offset: int = 0) -> Iterator[str]:
     """Unlimited training documents (no separators), deterministic for (cfg, seed_offset).
 
-    Never emits a held-out arithmetic/program/gsm problem or an eval-only question phrasing.
+    Never emits a held-out arithmetic/program/gsm/chain problem or an eval-only question phrasing.
+    With mix_recall = mix_chain = 0 the stream is the same as before those categories existed.
     """
     cfg.validate()
     world = build_world(cfg)
     by_name = {e.name: e for e in world.entities}
     first_names = world.first_names()
     rng = random.Random(f"dualpath.synthetic/train/{cfg.seed}/{seed_offset}")
-    weights = (cfg.mix_facts, cfg.mix_arith, cfg.mix_programs, cfg.mix_gsm)
+    weights = tuple(getattr(cfg, MIX_FIELDS[c]) for c in CATEGORIES)
     total = sum(weights)
     cum = [sum(weights[: i + 1]) / total for i in range(len(weights))]
     order: list[int] = []
+    facts = build_recall(cfg) if cfg.mix_recall > 0 else ()
+    recall_order: list[int] = []
+
+    def next_fact() -> str:
+        # Shuffled passes over the recall world: every fact is stated once per recall_facts lines.
+        nonlocal recall_order
+        if not recall_order:
+            recall_order = list(range(len(facts)))
+            rng.shuffle(recall_order)
+        return recall_line(*facts[recall_order.pop()])
 
     def arith():
         return _arith(rng, cfg)
@@ -563,6 +670,9 @@ def train_documents(cfg: SyntheticConfig, seed_offset: int = 0) -> Iterator[str]
 
     def gsm():
         return _gsm(rng, first_names)
+
+    def chain():
+        return _chain(rng, rng.randint(cfg.chain_steps_min, cfg.chain_steps_max))
 
     while True:
         u = rng.random()
@@ -575,17 +685,22 @@ def train_documents(cfg: SyntheticConfig, seed_offset: int = 0) -> Iterator[str]
             yield "\n".join(_draw_train(rng, cfg, arith) for _ in range(rng.randint(3, 8)))
         elif u < cum[2]:
             yield "\n".join(_draw_train(rng, cfg, program) for _ in range(rng.randint(2, 4)))
-        else:
+        elif u < cum[3]:  # with mix_recall = mix_chain = 0, cum[3] == 1.0 and this is the old `else`
             yield _draw_train(rng, cfg, gsm)
+        elif u < cum[4]:
+            yield "\n".join(next_fact() for _ in range(rng.randint(RECALL_LINES_MIN, RECALL_LINES_MAX)))
+        else:
+            n = rng.randint(CHAIN_LINES_MIN, CHAIN_LINES_MAX)
+            yield "\n".join(_draw_train(rng, cfg, chain) for _ in range(n))
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
 
-def _example(category: str, prompt: str, answer: str) -> dict:
+def _example(category: str, prompt: str, answer: str, **dial: int) -> dict:
     return {"category": category, "text": prompt + answer, "prompt": prompt, "answer": answer,
-            "answer_start": len(prompt), "answer_end": len(prompt) + len(answer)}
+            "answer_start": len(prompt), "answer_end": len(prompt) + len(answer), **dial}
 
 
 def _distinct(n: int, patience: int, draw: Callable[[], tuple[str, str, str] | None]) -> list[tuple[str, str]]:
@@ -630,33 +745,120 @@ def _eval_held_out(cfg: SyntheticConfig, category: str, n: int,
     return [_example(category, p, a) for p, a in pairs]
 
 
-def eval_examples(cfg: SyntheticConfig, n_per_category: int) -> list[dict]:
-    """Held-out examples, n_per_category of each of CATEGORIES, in that order; deterministic.
+def _eval_recall(cfg: SyntheticConfig, rng: random.Random, n: int) -> list[dict]:
+    """min(n, recall_facts) distinct facts: the whole world when n exceeds it (recall holds nothing out,
+    so a small world is still a complete test, and `dualpath prepare`'s default of 200 keeps working)."""
+    facts = build_recall(cfg)
+    order = list(range(len(facts)))
+    rng.shuffle(order)  # the whole permutation, so a smaller n gives a prefix
+    return [_example("recall", recall_line(k, ""), v, facts=cfg.recall_facts)
+            for k, v in (facts[i] for i in order[:n])]
 
-    Each is {"category", "text", "prompt", "answer", "answer_start", "answer_end"} with
-    prompt == text[:answer_start] and answer == text[answer_start:answer_end]. A smaller
-    n_per_category gives a prefix of each category's examples.
+
+def _eval_chain(cfg: SyntheticConfig, n: int) -> list[dict]:
+    """Round robin over the step counts, one independent held-out stream per count (so the problems for a
+    given count do not depend on the configured range); a count whose held-out pool runs dry drops out."""
+    patience = int(200 / cfg.holdout_fraction) + 1000
+
+    def stream(steps: int) -> Iterator[tuple[str, str]]:
+        rng = random.Random(f"dualpath.synthetic/eval/{cfg.seed}/chain/{steps}")
+        seen: set[str] = set()
+        stale = 0
+        while stale < patience:
+            key, prompt, answer = _chain(rng, steps)
+            if key in seen or not held_out(key, cfg.holdout_fraction):
+                stale += 1
+                continue
+            seen.add(key)
+            stale = 0
+            yield prompt, answer
+
+    active = list(range(cfg.chain_steps_min, cfg.chain_steps_max + 1))
+    streams = {k: stream(k) for k in active}
+    out: list[dict] = []
+    j = 0
+    while len(out) < n and active:
+        j %= len(active)
+        got = next(streams[active[j]], None)
+        if got is None:
+            del active[j]
+            continue
+        out.append(_example("chain", *got, steps=active[j]))
+        j += 1
+    if len(out) < n:
+        raise DataError(f"only {len(out)} distinct held-out chain problems found; raise chain_steps_max, "
+                        f"raise holdout_fraction or lower n_per_category")
+    return out
+
+
+def eval_examples(cfg: SyntheticConfig, n_per_category: int,
+                  categories: tuple[str, ...] | list[str] | None = None) -> list[dict]:
+    """Held-out examples, n_per_category of each category (recall: at most recall_facts, the whole world),
+    in the order of CATEGORIES; deterministic.
+
+    `categories` defaults to cfg.trained_categories() (those whose mix weight is > 0). Each example is
+    {"category", "text", "prompt", "answer", "answer_start", "answer_end"} with
+    prompt == text[:answer_start] and answer == text[answer_start:answer_end]; recall and chain
+    examples also carry their dial (DIALS: "facts" or "steps"). A smaller n_per_category gives a prefix
+    of each category's examples.
     """
     cfg.validate()
     if isinstance(n_per_category, bool) or not isinstance(n_per_category, int) or n_per_category < 0:
         raise ConfigError(f"n_per_category must be an integer >= 0, got {n_per_category!r}")
+    wanted = cfg.trained_categories() if categories is None else tuple(categories)
+    for c in wanted:
+        if c not in CATEGORIES:
+            raise ConfigError(f"unknown synthetic category {c!r} (choose from {', '.join(CATEGORIES)})")
     world = build_world(cfg)
     first_names = world.first_names()
 
     def rng_for(category: str) -> random.Random:
         return random.Random(f"dualpath.synthetic/eval/{cfg.seed}/{category}")
 
-    out = _eval_facts(rng_for("fact"), world, n_per_category)
-    r = rng_for("arith")
-    out += _eval_held_out(cfg, "arith", n_per_category, lambda: _arith(r, cfg))
-    p = rng_for("program")
-    out += _eval_held_out(cfg, "program", n_per_category,
-                          lambda: _program(p, p.randint(cfg.program_depth_min, cfg.program_depth_max)))
-    g = rng_for("gsm")
-    out += _eval_held_out(cfg, "gsm", n_per_category, lambda: _gsm(g, first_names))
+    out: list[dict] = []
+    if "fact" in wanted:
+        out += _eval_facts(rng_for("fact"), world, n_per_category)
+    if "arith" in wanted:
+        r = rng_for("arith")
+        out += _eval_held_out(cfg, "arith", n_per_category, lambda: _arith(r, cfg))
+    if "program" in wanted:
+        p = rng_for("program")
+        out += _eval_held_out(cfg, "program", n_per_category,
+                              lambda: _program(p, p.randint(cfg.program_depth_min, cfg.program_depth_max)))
+    if "gsm" in wanted:
+        g = rng_for("gsm")
+        out += _eval_held_out(cfg, "gsm", n_per_category, lambda: _gsm(g, first_names))
+    if "recall" in wanted:
+        out += _eval_recall(cfg, rng_for("recall"), n_per_category)
+    if "chain" in wanted:
+        out += _eval_chain(cfg, n_per_category)
     return out
 
 
-__all__ = ["CATEGORIES", "RELATIONS", "JOBS", "STATEMENTS", "TRAIN_QUESTIONS", "EVAL_QUESTIONS",
-           "SyntheticConfig", "Entity", "World", "build_world", "fact_answer", "held_out",
-           "train_documents", "eval_examples"]
+def by_dial(examples: list[dict]) -> list[dict]:
+    """Copies of the examples with the dial value folded into the category ("chain@steps=3",
+    "recall@facts=1000", the naming eval.evaluate uses for its per-dial rows), so any per-category tool
+    (e.g. analysis.by_category.routing_by_category) reports one row per dial value. Other examples are
+    kept as they are. `parse_dial` reverses the naming."""
+    out = []
+    for ex in examples:
+        dial = DIALS.get(ex.get("category", ""))
+        if dial is not None and dial in ex:
+            ex = {**ex, "category": f"{ex['category']}@{dial}={ex[dial]}"}
+        out.append(ex)
+    return out
+
+
+def parse_dial(category: str) -> tuple[str, str | None, int | None]:
+    """"chain@steps=3" -> ("chain", "steps", 3); any other name -> (name, None, None)."""
+    base, at, rest = category.partition("@")
+    name, eq, value = rest.partition("=")
+    if at and eq and DIALS.get(base) == name and value.isdigit():
+        return base, name, int(value)
+    return category, None, None
+
+
+__all__ = ["CATEGORIES", "MIX_FIELDS", "DIALS", "RELATIONS", "JOBS", "STATEMENTS", "TRAIN_QUESTIONS",
+           "EVAL_QUESTIONS", "CHAIN_MULTIPLIERS", "SyntheticConfig", "Entity", "World", "build_world",
+           "build_recall", "recall_line", "chain_value", "fact_answer", "held_out", "train_documents",
+           "eval_examples", "by_dial", "parse_dial"]
