@@ -116,7 +116,13 @@ def test_sweep_runs_aggregates_and_resumes(tmp_path, data_dir, capsys):
         assert target - step < float(r["train_flops"]) <= target, r["arm"]
     md = (out_dir / "results.md").read_text()
     assert "| PureWide |" in md and "±" in md and "**" in md
-    assert "| arm | params | true FLOPs/token | seeds | val BPB | data BPB |" in md
+    assert "| arm | params | true FLOPs/token (vs PureWide) | tokens | seeds | val BPB | data BPB |" in md
+    # each arm's tokens and FLOP ratio, as results.csv has them (equal FLOPs: cheaper arms see more tokens)
+    for r in rows:
+        ratio = float(r["flops_per_token"]) / float(next(w for w in rows if w["arm"] == "PureWide")["flops_per_token"])
+        assert float(r["flops_ratio"]) == pytest.approx(ratio, rel=1e-9)
+        assert int(r["tokens"]) == round(float(r["train_flops"]) / (3 * float(r["flops_per_token"])))
+        assert f"M ({ratio - 1:+.1%}) | {int(r['tokens']) / 1e6:.3g}M | 2 |" in md
     # the paired table: per seed, Dual minus PureWide, from the same rows
     bpb = {(r["arm"], r["seed"]): float(r["val_bpb"]) for r in rows}
     d = [bpb[("Dual K=2 α=0.5", s)] - bpb[("PureWide", s)] for s in ("0", "1")]

@@ -281,6 +281,16 @@ def cmd_duo_report(args) -> int:
     return 0
 
 
+def cmd_mechanism(args) -> int:
+    from .experiments.mechanism import gate_study, routing_study
+
+    if not args.skip_gate_study:
+        gate_study(args.out, tokens=args.tokens, quick=args.quick)
+    if not args.skip_routing:
+        routing_study(args.out, seeds=args.seeds, tokens=args.tokens, quick=args.quick)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .experiments.demo import run_demo
 
@@ -457,6 +467,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--quick", action="store_true", help="a much shorter run")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("mechanism", help="the mechanism study of docs/MECHANISM.md: gate study, routing by "
+                       "category over seeds (resumable)")
+    s.add_argument("out", help="output folder (runs, tables, JSON)")
+    s.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated (default: 0,1,2)")
+    s.add_argument("--tokens", type=int, default=None, help="training tokens per run (default: the demo's)")
+    s.add_argument("--skip-gate-study", action="store_true")
+    s.add_argument("--skip-routing", action="store_true")
+    s.add_argument("--quick", action="store_true", help="a tiny corpus and few eval examples (tests)")
+    s.set_defaults(func=cmd_mechanism)
 
     return p
 

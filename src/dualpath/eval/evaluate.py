@@ -105,12 +105,13 @@ def evaluate_examples(model, tokenizer, examples: list[dict], batch_size: int = 
         ids, mask = answer_token_mask(tokenizer, ex["text"], ex["answer_start"], ex["answer_end"])
         seqs.append([eos] + ids)
         masks.append(torch.tensor(mask, dtype=torch.bool))
+    bins = _dial_bins(examples)
     t0 = time.perf_counter()
     losses = score_sequences(model, seqs, batch_size, overrides)
     acc = defaultdict(lambda: {"loss_sum": 0.0, "tokens": 0, "bytes": 0, "answer_loss_sum": 0.0,
                                "answer_tokens": 0, "correct": 0, "n": 0})
-    for ex, loss, mask in zip(examples, losses, masks):
-        for key in (ex["category"], "all"):
+    for ex, loss, mask, extra in zip(examples, losses, masks, bins):
+        for key in (ex["category"], "all", *extra):
             a = acc[key]
             a["loss_sum"] += loss.double().sum().item()
             a["tokens"] += loss.numel()
@@ -120,10 +121,10 @@ def evaluate_examples(model, tokenizer, examples: list[dict], batch_size: int = 
             a["answer_tokens"] += int(m.sum())
             a["n"] += 1
     if exact_match:
-        for ex in examples:
+        for ex, extra in zip(examples, bins):
             ok = _exact_match(model, tokenizer, ex, eos, overrides, max_new_tokens)
-            acc[ex["category"]]["correct"] += ok
-            acc["all"]["correct"] += ok
+            for key in (ex["category"], "all", *extra):
+                acc[key]["correct"] += ok
     seconds = time.perf_counter() - t0
     result = {}
     for key, a in acc.items():
@@ -135,6 +136,17 @@ def evaluate_examples(model, tokenizer, examples: list[dict], batch_size: int = 
             "accuracy": a["correct"] / a["n"] if exact_match else None,
         }
     return result
+
+
+def _dial_bins(examples: list[dict]) -> list[tuple[str, ...]]:
+    """Per example, the extra result keys "category@dial=value" for the synthetic tasks whose examples carry
+    a dial (chain: steps) that varies within the set, so accuracy can be read against the dial."""
+    from ..data.synthetic import DIALS
+
+    varying = {cat: field for cat, field in DIALS.items()
+               if len({ex.get(field) for ex in examples if ex["category"] == cat and field in ex}) > 1}
+    return [(f"{ex['category']}@{varying[ex['category']]}={ex[varying[ex['category']]]}",)
+            if ex["category"] in varying and varying[ex["category"]] in ex else () for ex in examples]
 
 
 def _exact_match(model, tokenizer, ex: dict, eos: int, overrides, max_new_tokens) -> bool:

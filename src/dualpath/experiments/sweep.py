@@ -1,10 +1,15 @@
-"""Iso-FLOP sweeps: budgets × architectures × K × α × seeds, as the paper runs them.
+"""Iso-FLOP sweeps: budgets × architectures × K × α × seeds, as the paper runs them, optionally × the
+values of one synthetic-corpus dial (a dose-response).
 
     dualpath sweep SWEEP.yaml [--jobs N] [--dry-run] [--aggregate-only]
 
-Every run of a budget gets the same total true training FLOPs: the budget's tokens times the true training
-FLOPs per token of its PureWide model (`target_flops`). Widths come from the solver. Each run writes into
-its own folder and is resumable: finished runs are skipped, a crashed run resumes from its checkpoint.
+Widths come from the solver, so every arm of a budget costs about the same FLOPs per token. The protocol
+says what else is equal: `protocol: tokens` (the paper's) trains every arm of every budget on the same
+tokens; `protocol: flops` gives every run of a budget the same total true training FLOPs (the budget's
+tokens times its PureWide model's training FLOPs per token), so cheaper arms see more tokens.
+With `synthetic.dial`, the sweep prepares one synthetic corpus per dial value (under OUT/data/) and
+trains and evaluates every arm on each. Each run writes into its own folder and is resumable: finished
+runs are skipped, a crashed run resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +49,41 @@ class ArmSpec:
 
 
 @dataclass
+class SyntheticDial:
+    """One synthetic corpus per value of a SyntheticConfig field (`dial`), prepared by the sweep."""
+
+    dial: str = ""  # e.g. recall_facts; "" = no dial: every run trains on base.data.path
+    values: list[float] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # other SyntheticConfig fields, the same for every value
+    vocab_size: int = 512
+    max_tokens: int = 2_000_000
+    eval_per_category: int = 200
+    val_fraction: float = 0.02
+    capacity_category: str = "recall"  # the dose-response figure: accuracy of this category against the dial
+    compute_category: str = "chain"  # ... and of this one against its own per-example dial (chain steps)
+
+    def config_for(self, value: float):
+        """The SyntheticConfig of one dial value (validated)."""
+        from ..config import apply_overrides
+        from ..data.synthetic import SyntheticConfig
+
+        cfg = from_dict(SyntheticConfig, dict(self.settings), prefix="synthetic.settings.")
+        apply_overrides(cfg, [f"{self.dial}={value:g}"])
+        return cfg.validate()
+
+    def validate(self) -> "SyntheticDial":
+        if not self.dial:
+            return self
+        if not self.values or len(set(self.values)) != len(self.values):
+            raise ConfigError(f"synthetic.values must list distinct values of {self.dial}, got {self.values}")
+        for v in self.values:
+            self.config_for(v)
+        if self.vocab_size < 257 or self.max_tokens < 1 or self.eval_per_category < 1:
+            raise ConfigError("synthetic.vocab_size must be >= 257, max_tokens and eval_per_category >= 1")
+        return self
+
+
+@dataclass
 class SweepConfig:
     name: str = "sweep"
     out_dir: str = "runs/sweep"
@@ -52,7 +92,9 @@ class SweepConfig:
     match: str = "paper"  # paper | true (solve on true FLOPs at base.model.seq_len)
     multiple: int = 64
     build_multiple: int = 256
-    tokens: list[int] = field(default_factory=lambda: [0])  # training tokens per budget (PureWide-equivalent)
+    tokens: list[int] = field(default_factory=lambda: [0])  # training tokens per budget (see protocol)
+    protocol: str = "flops"  # tokens: every arm the same tokens | flops: every arm of a budget the same FLOPs
+    synthetic: SyntheticDial = field(default_factory=SyntheticDial)
     arms: list[ArmSpec] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
     evals: list[str] = field(default_factory=list)  # prepared folders, .txt files, Q/A .jsonl files
@@ -64,6 +106,10 @@ class SweepConfig:
             raise ConfigError("sweep.arms is empty")
         if self.match not in ("paper", "true"):
             raise ConfigError(f"sweep.match must be paper or true, got '{self.match}'")
+        if self.protocol not in ("tokens", "flops"):
+            raise ConfigError(f"sweep.protocol must be tokens or flops, got '{self.protocol}'")
+        if self.protocol == "tokens" and len(set(self.tokens)) > 1:
+            raise ConfigError("sweep.protocol=tokens gives every budget the same tokens: give one token count")
         if len(self.tokens) not in (1, len(self.budgets)) or min(self.tokens) < 1:
             raise ConfigError("sweep.tokens needs one positive token count, or one per budget")
         for a in self.arms:
@@ -81,7 +127,16 @@ class Run:
     config: RunConfig
     params: int
     flops_per_token: float  # true forward
-    target_flops: float
+    target_flops: float  # true training FLOPs of the whole run
+    tokens: int = 0  # training tokens of the run
+    wide_flops_per_token: float = 0.0  # its budget's PureWide, true forward
+    dial_value: float | None = None  # the synthetic dial's value, when the sweep has one
+    data_dir: str = ""  # the synthetic corpus of that value
+
+    @property
+    def flops_ratio(self) -> float:
+        """True FLOPs per token relative to the budget's PureWide."""
+        return self.flops_per_token / self.wide_flops_per_token if self.wide_flops_per_token else math.nan
 
     @property
     def arm(self) -> str:
@@ -94,7 +149,8 @@ class Run:
     @property
     def folder(self) -> str:
         tag = {"wide": "wide", "loop": f"loop_K{self.K}", "dual": f"dual_K{self.K}_a{self.alpha}"}[self.arch]
-        return f"F{self.budget:.3g}/{tag}/seed{self.seed}"
+        dial = f"{Path(self.data_dir).name}/" if self.dial_value is not None else ""
+        return f"{dial}F{self.budget:.3g}/{tag}/seed{self.seed}"
 
 
 def load_sweep(path: str | Path, overrides=()) -> SweepConfig:
@@ -105,32 +161,60 @@ def load_sweep(path: str | Path, overrides=()) -> SweepConfig:
     return validate_tree(cfg)
 
 
+def dial_data_dir(sweep: SweepConfig, value: float) -> Path:
+    return Path(sweep.out_dir) / "data" / f"{sweep.synthetic.dial}={value:g}"
+
+
 def plan(sweep: SweepConfig) -> list[Run]:
-    """The grid, with widths from the solver and one total FLOP target per budget."""
+    """The grid, with widths from the solver and each run's tokens and total FLOPs (see `protocol`)."""
     from ..solver import solve
 
     backbone = sweep.base.model
     T = sweep.base.data.seq_len or backbone.seq_len
+    dial_values = sweep.synthetic.values if sweep.synthetic.dial else [None]
     runs = []
-    for b, budget in enumerate(sweep.budgets):
-        tokens = sweep.tokens[b] if len(sweep.tokens) > 1 else sweep.tokens[0]
-        kw = dict(multiple=sweep.multiple, build_multiple=sweep.build_multiple, match=sweep.match, seq_len=T)
-        wide = solve(backbone, budget, "wide", **kw)
-        target = tokens * 3 * wide["config"].meta_model().flops_per_token(T, "true")
-        for arm in sweep.arms:
-            ks = [1] if arm.arch == "wide" else arm.K
-            alphas = [None] if arm.arch != "dual" else arm.alpha
-            for K, alpha, seed in itertools.product(ks, alphas, sweep.seeds):
-                r = solve(backbone, budget, arm.arch, K=K, alpha=alpha or 0.5, **kw)
-                cfg = RunConfig(model=r["config"], data=dataclasses.replace(sweep.base.data),
-                                optim=dataclasses.replace(sweep.base.optim),
-                                train=dataclasses.replace(sweep.base.train, seed=seed, steps=0, tokens=0,
-                                                          target_flops=target, resume="auto"))
-                runs.append(Run(budget, arm.arch, K, alpha, seed, cfg, r["params"],
-                                r["flops_true_per_token"], target))
+    for value in dial_values:
+        data = dataclasses.replace(sweep.base.data)
+        if value is not None:
+            data.path = str(dial_data_dir(sweep, value))
+        for b, budget in enumerate(sweep.budgets):
+            tokens = sweep.tokens[b] if len(sweep.tokens) > 1 else sweep.tokens[0]
+            kw = dict(multiple=sweep.multiple, build_multiple=sweep.build_multiple, match=sweep.match, seq_len=T)
+            wide_fpt = solve(backbone, budget, "wide", **kw)["config"].meta_model().flops_per_token(T, "true")
+            for arm in sweep.arms:
+                ks = [1] if arm.arch == "wide" else arm.K
+                alphas = [None] if arm.arch != "dual" else arm.alpha
+                for K, alpha, seed in itertools.product(ks, alphas, sweep.seeds):
+                    r = solve(backbone, budget, arm.arch, K=K, alpha=alpha or 0.5, **kw)
+                    fpt = r["flops_true_per_token"]
+                    horizon = (dict(tokens=tokens, target_flops=0.0) if sweep.protocol == "tokens"
+                               else dict(tokens=0, target_flops=tokens * 3 * wide_fpt))
+                    cfg = RunConfig(model=r["config"], data=dataclasses.replace(data),
+                                    optim=dataclasses.replace(sweep.base.optim),
+                                    train=dataclasses.replace(sweep.base.train, seed=seed, steps=0, resume="auto",
+                                                              **horizon))
+                    run_tokens = tokens if sweep.protocol == "tokens" else tokens * wide_fpt / fpt
+                    runs.append(Run(budget, arm.arch, K, alpha, seed, cfg, r["params"], fpt,
+                                    3 * fpt * run_tokens, int(run_tokens), wide_fpt, value,
+                                    data.path if value is not None else ""))
     for r in runs:
         r.config.train.out_dir = str(Path(sweep.out_dir) / r.folder)
     return runs
+
+
+def prepare_dial_data(sweep: SweepConfig, log=print) -> None:
+    """The synthetic corpus of every dial value that is not prepared yet (each written atomically)."""
+    from ..data.prepare import prepare
+
+    for value in sweep.synthetic.values if sweep.synthetic.dial else []:
+        out = dial_data_dir(sweep, value)
+        if (out / "meta.json").is_file():
+            continue
+        s = sweep.synthetic
+        log(f"preparing {out} ({s.dial}={value:g}, {s.max_tokens:,} tokens)")
+        prepare(["synthetic"], out, vocab_size=s.vocab_size, max_tokens=s.max_tokens, val_fraction=s.val_fraction,
+                synthetic=s.config_for(value), synthetic_eval_per_category=s.eval_per_category, progress=False,
+                seed=0)
 
 
 def dry_run(sweep: SweepConfig, runs: list[Run]) -> str:
@@ -139,8 +223,11 @@ def dry_run(sweep: SweepConfig, runs: list[Run]) -> str:
     from ..perf import measure_gemm_peak
 
     peak = measure_gemm_peak("cpu", seconds=0.3)
-    lines = ["| budget | arm | seed | params | true FLOPs/token (fwd) | train FLOPs | est. minutes | state |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"protocol: {sweep.protocol} (" + ("every arm the same tokens" if sweep.protocol == "tokens" else
+                                                "every arm of a budget the same total FLOPs") + ")", "",
+             "| dial | budget | arm | seed | params | true FLOPs/token (fwd) | vs PureWide | tokens | train FLOPs | "
+             "est. minutes | state |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     total = left = 0.0
     done = 0
     for r in runs:
@@ -151,8 +238,10 @@ def dry_run(sweep: SweepConfig, runs: list[Run]) -> str:
         total += minutes
         done += state == "done"
         left += 0 if state == "done" else minutes
-        lines.append(f"| {r.budget:.3g} | {r.arm} | {r.seed} | {r.params / 1e6:.2f}M | "
-                     f"{r.flops_per_token / 1e6:.2f}M | {r.target_flops:.3g} | {minutes:.1f} | {state} |")
+        dial = f"{sweep.synthetic.dial}={r.dial_value:g}" if r.dial_value is not None else "–"
+        lines.append(f"| {dial} | {r.budget:.3g} | {r.arm} | {r.seed} | {r.params / 1e6:.2f}M | "
+                     f"{r.flops_per_token / 1e6:.2f}M | {r.flops_ratio - 1:+.1%} | {r.tokens:,} | "
+                     f"{r.target_flops:.3g} | {minutes:.1f} | {state} |")
     lines.append("")
     # --jobs share this machine's cores, so they do not shorten a compute-bound sweep
     lines.append(f"{len(runs)} runs, {done} done; estimated wall time {total / 60:.1f} h in all, {left / 60:.1f} h "
@@ -207,8 +296,9 @@ def _run_one(run: Run, sweep: SweepConfig, threads: int | None) -> subprocess.Po
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    evals = sweep.evals + ([run.data_dir] if run.dial_value is not None else [])
     cmd = [sys.executable, "-m", "dualpath", "sweep", str(cfg_path), "--run-one"] + [
-        f"--eval={e}" for e in sweep.evals] + [f"--eval-limit={sweep.eval_limit}"]
+        f"--eval={e}" for e in evals] + [f"--eval-limit={sweep.eval_limit}"]
     log = open(folder / "run.log", "a")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -244,6 +334,7 @@ def run_sweep(sweep: SweepConfig, jobs: int = 1, log=print) -> list[dict]:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     runs = plan(sweep)
     check_run_folders(runs)
+    prepare_dial_data(sweep, log)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pending = run_order(runs, sweep.seeds)
     active: list[tuple[Run, subprocess.Popen]] = []

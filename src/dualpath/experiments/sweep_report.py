@@ -18,8 +18,11 @@ def _collect(runs: list) -> list[dict]:
             continue
         res = json.loads(path.read_text())
         row = {"budget": r.budget, "arm": r.arm, "arch": r.arch, "K": r.K, "alpha": r.alpha, "seed": r.seed,
-               "params": r.params, "flops_per_token": r.flops_per_token, "train_flops": res["summary"]["flops"],
+               "params": r.params, "flops_per_token": r.flops_per_token, "flops_ratio": r.flops_ratio,
+               "tokens": res["summary"].get("tokens"), "train_flops": res["summary"]["flops"],
                "val_bpb": res["summary"].get("val_bpb")}
+        if r.dial_value is not None:
+            row = {"dial": r.dial_value, **row}
         for ds, v in (res.get("eval") or {}).items():
             row[f"{ds}/bpb"] = v.get("bpb")
             row[f"{ds}/loss"] = v.get("loss")
@@ -49,13 +52,16 @@ def aggregate(sweep, runs: list) -> list[dict]:
         w.writerows(rows)
     columns = _paper_columns(keys)
     lines = []
-    for budget in sorted({r["budget"] for r in rows}):
-        group = [r for r in rows if r["budget"] == budget]
+    dial = sweep.synthetic.dial
+    for dial_value, budget in sorted({(r.get("dial"), r["budget"]) for r in rows}, key=lambda g: (g[0] or 0, g[1])):
+        group = [r for r in rows if r["budget"] == budget and r.get("dial") == dial_value]
         arms = list(dict.fromkeys(r["arm"] for r in group))
         stats = {}
         for arm in arms:
             rs = [r for r in group if r["arm"] == arm]
-            stats[arm] = {"params": rs[0]["params"], "fpt": rs[0]["flops_per_token"], "n": len(rs)}
+            toks = sorted({r["tokens"] for r in rs if r.get("tokens")})
+            stats[arm] = {"params": rs[0]["params"], "fpt": rs[0]["flops_per_token"], "ratio": rs[0]["flops_ratio"],
+                          "tokens": "/".join(f"{t / 1e6:.3g}M" for t in toks) or "–", "n": len(rs)}
             for m in (m for col in columns.values() for m in col):
                 vals = [r[m] for r in rs if isinstance(r.get(m), (int, float)) and math.isfinite(r[m])]
                 stats[arm][m] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else None) \
@@ -65,9 +71,11 @@ def aggregate(sweep, runs: list) -> list[dict]:
             vals = {a: s[metric][0] for a, s in stats.items() if s[metric] is not None}
             if len(set(vals.values())) > 1:  # no winner among ties
                 best[metric] = min(vals, key=vals.get)
-        lines += [f"### Budget F_M = {budget:.3g} ({sweep.match} FLOPs per layer)", "",
-                  "| arm | params | true FLOPs/token | seeds | " + " | ".join(columns) + " |",
-                  "|---" * (len(columns) + 4) + "|"]
+        where = f"{dial} = {dial_value:g}, " if dial_value is not None else ""
+        lines += [f"### {where}Budget F_M = {budget:.3g} ({sweep.match} FLOPs per layer; protocol: "
+                  f"{sweep.protocol})", "",
+                  "| arm | params | true FLOPs/token (vs PureWide) | tokens | seeds | " + " | ".join(columns) + " |",
+                  "|---" * (len(columns) + 5) + "|"]
         for arm, s in stats.items():
             cells = []
             for metric, *acc in columns.values():
@@ -80,8 +88,8 @@ def aggregate(sweep, runs: list) -> list[dict]:
                 if acc and s[acc[0]] is not None:
                     text += f" ({100 * s[acc[0]][0]:.1f}%)"
                 cells.append(text)
-            lines.append(f"| {arm} | {s['params'] / 1e6:.2f}M | {s['fpt'] / 1e6:.2f}M | {s['n']} | "
-                         + " | ".join(cells) + " |")
+            lines.append(f"| {arm} | {s['params'] / 1e6:.2f}M | {s['fpt'] / 1e6:.2f}M ({s['ratio'] - 1:+.1%}) | "
+                         f"{s['tokens']} | {s['n']} | " + " | ".join(cells) + " |")
         lines.append("")
         lines += _paired(group, arms, "val_bpb")
     lines.append("Mean ± std over seeds (no ± for one seed); bold: lowest in the budget. BPB is bits per byte, the "
@@ -89,7 +97,70 @@ def aggregate(sweep, runs: list) -> list[dict]:
                  "of every run.")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plots(out, rows, runs)
+    if dial:
+        dose_response(out, rows, sweep)
     return rows
+
+
+def dose_response_points(rows: list[dict], metric_of, xs_of) -> dict[str, list[tuple[float, float, float, int]]]:
+    """arm -> [(x, mean, std, seeds)] over the x values `xs_of(row)` yields with `metric_of(row, x)`."""
+    import statistics
+
+    acc: dict[tuple[str, float], list[float]] = {}
+    for r in rows:
+        for x in xs_of(r):
+            v = metric_of(r, x)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                acc.setdefault((r["arm"], x), []).append(v)
+    out: dict[str, list] = {}
+    for (arm, x), vals in sorted(acc.items(), key=lambda kv: kv[0][1]):
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out.setdefault(arm, []).append((x, statistics.mean(vals), sd, len(vals)))
+    return out
+
+
+def dose_response(out: Path, rows: list[dict], sweep) -> dict:
+    """dose_response.png and .json: accuracy of the capacity category against the dial (one model per dial
+    value), and accuracy of the compute category against its per-example steps (per dial value's models
+    pooled: every corpus holds the same chain distribution)."""
+    s = sweep.synthetic
+    cap = dose_response_points(rows, lambda r, x: r.get(f"{s.capacity_category}/acc"), lambda r: [r["dial"]])
+    step_keys = sorted({k for r in rows for k in r if k.startswith(f"{s.compute_category}@") and k.endswith("/acc")})
+
+    def step_of(k):
+        return float(k.split("=", 1)[1].split("/", 1)[0])
+
+    comp = dose_response_points(rows, lambda r, x: r.get(next(k for k in step_keys if step_of(k) == x)),
+                                lambda r: [step_of(k) for k in step_keys if k in r])
+    result = {"capacity": {"category": s.capacity_category, "dial": s.dial, "points": cap},
+              "compute": {"category": s.compute_category, "points": comp}}
+    (out / "dose_response.json").write_text(json.dumps(result, indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return result
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (title, pts, xlabel) in zip(axes, (
+            (f"capacity: {s.capacity_category}", cap, s.dial),
+            (f"compute: {s.compute_category}", comp, f"{s.compute_category} steps"))):
+        for arm, p in pts.items():
+            ax.errorbar([x for x, *_ in p], [100 * m for _, m, _, _ in p], yerr=[100 * sd for _, _, sd, _ in p],
+                        marker="o", capsize=3, label=arm)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("greedy exact-match accuracy (%)")
+        ax.set_title(title)
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=8)
+    axes[0].set_xscale("log")
+    fig.suptitle("mean ± std over seeds; matched FLOPs per token" + (", equal tokens" if sweep.protocol == "tokens"
+                                                                     else ""))
+    fig.tight_layout()
+    fig.savefig(out / "dose_response.png", dpi=120)
+    plt.close(fig)
+    return result
 
 
 def _paper_columns(keys: list[str]) -> dict[str, tuple[str, ...]]:
@@ -98,7 +169,7 @@ def _paper_columns(keys: list[str]) -> dict[str, tuple[str, ...]]:
     cols = {"val BPB": ("val_bpb",)}
     for k in keys:
         name, _, metric = k.rpartition("/")
-        if not name or name.endswith(":examples"):  # a synthetic set's total: its categories follow
+        if not name or name.endswith(":examples") or "@" in name:  # a set's total; per-dial bins: results.csv only
             continue
         if metric == "bpb" and f"{name}/acc" in keys:
             cols[f"{name} BPB (acc)"] = (k, f"{name}/acc")
