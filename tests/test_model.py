@@ -443,12 +443,19 @@ def test_K_override_changes_output_and_equals_model_built_with_that_K(arch):
     with torch.no_grad():
         default = model(idx).logits
         same = model(idx, overrides=Overrides(K=3)).logits
-        k5 = model(idx, overrides=Overrides(K=5)).logits
+        # "own": the extra steps use their own gains, exactly a model built with K=5
+        k5 = model(idx, overrides=Overrides(K=5, extra_steps_gain="own")).logits
         built5 = DualPathLM(make_cfg(arch, K=5, max_loops=6)).eval()
         built5.load_state_dict(model.state_dict())
         ref5 = built5(idx).logits
+        # "last" (the default): as if steps 4 and 5 had the trained step 3's gain
+        k5_last = model(idx, overrides=Overrides(K=5)).logits
+        for layer in built5.layers:
+            layer.deep.step_gain[3:5] = layer.deep.step_gain[2]
+        ref5_last = built5(idx).logits
     torch.testing.assert_close(same, default, rtol=0, atol=0)
     torch.testing.assert_close(k5, ref5, rtol=0, atol=0)
+    torch.testing.assert_close(k5_last, ref5_last, rtol=0, atol=0)
     assert (k5 - default).abs().amax() > 1e-3
 
 

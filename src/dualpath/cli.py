@@ -153,7 +153,7 @@ def cmd_eval(args) -> int:
     model, tokenizer, ckpt = _load_for_inference(args.checkpoint)
     gates = [g for g in (args.gates or "").split(",") if g] if args.gates else None
     res = evaluate_datasets(model, tokenizer, args.data, force_K=args.force_K, gates=gates,
-                            batch_size=args.batch_size, limit=args.limit, exact_match=not args.no_exact_match,
+                            extra_steps_gain=args.extra_steps_gain, batch_size=args.batch_size, limit=args.limit, exact_match=not args.no_exact_match,
                             log=None if args.json else (lambda m: print(m, file=sys.stderr)))
     res["checkpoint"] = str(ckpt)
     if args.out:
@@ -367,7 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint")
     s.add_argument("--data", nargs="+", required=True, help="prepared folders, .txt files or Q/A .jsonl files")
     s.add_argument("--force-K", type=_int_list, help="e.g. 1,2,3,5,8,10")
-    s.add_argument("--gates", help="comma-separated: deep-only, wide-only, both=0.5, both=1, shuffled")
+    s.add_argument("--gates", help="comma-separated; rescaling the residual: deep-only, wide-only, both=C; "
+                   "holding g_d+g_w per token: deep-favoured, wide-favoured, swapped, share-shuffled, "
+                   "share-shuffled-seq; the paper's shuffle: shuffled")
+    s.add_argument("--extra-steps-gain", choices=("last", "own"), default="last",
+                   help="forced K above the trained K: extra steps reuse the last trained step's gain (default) "
+                        "or their own, untrained gains")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--limit", type=int, help="at most this many windows of a prepared folder, examples (per category) "
                    "of a Q/A or synthetic set, or windows of a text file")

@@ -168,8 +168,18 @@ class Overrides:
     """The paper's inference ablations. All None means the model as trained, at no extra cost.
 
     K:      run the deep path for this many steps (<= max_loops).
-    gates:  "deep-only" (1, 0), "wide-only" (0, 1), "both=C" (C, C) or "shuffled" (gates permuted across
-            all tokens of the batch, per layer, with `seed`).
+    extra_steps_gain: steps beyond the trained K use "last", the last trained step's gain (default: those
+            steps' own gains were never trained and stay at softplus(-7), so they would do almost nothing),
+            or "own", their own gains.
+    gates:  the raw modes rescale the residual (both paths contain x, so g_d + g_w changes):
+              "deep-only" (1, 0), "wide-only" (0, 1), "both=C" (C, C);
+              "shuffled" (the (g_d, g_w) pairs permuted across all tokens of the batch, per layer, with
+              `seed`: each token gets another token's sum, the paper's shuffle);
+            the modes that hold g_d + g_w per token:
+              "deep-favoured" (g_d + g_w, 0), "wide-favoured" (0, g_d + g_w), "swapped" (g_w, g_d),
+              "share-shuffled" (each token keeps its g_d + g_w and takes the deep share g_d / (g_d + g_w)
+              of a token drawn by a permutation of all tokens of the batch), "share-shuffled-seq" (of a
+              token of the same sequence).
 
     Per-layer choices (routing search, Duo masks, analysis hooks) are not overrides: they reach a layer
     through the `choices` argument of `DualPathLM.forward` (see "Layer choices" below).
@@ -178,9 +188,21 @@ class Overrides:
     K: int | None = None
     gates: str | None = None
     seed: int = 0
+    extra_steps_gain: str = "last"
 
     def gate_constants(self) -> tuple[float, float] | None:
-        return None if self.gates in (None, "shuffled") else parse_gate_override(self.gates)
+        return None if self.gates is None or self.gates in GATE_MIXES else parse_gate_override(self.gates)
+
+    def paths_off(self) -> tuple[bool, bool]:
+        """(deep, wide): whether a gate mode gives that path a zero gate for every token."""
+        const = self.gate_constants()
+        if const is not None:
+            return const[0] == 0, const[1] == 0
+        return self.gates == "wide-favoured", self.gates == "deep-favoured"
+
+
+# Gate modes that move, swap or permute the learned gates, keeping g_d + g_w per token (see Overrides).
+GATE_MIXES = ("deep-favoured", "wide-favoured", "swapped", "share-shuffled", "share-shuffled-seq", "shuffled")
 
 
 def parse_gate_override(text: str) -> tuple[float, float]:
@@ -196,12 +218,12 @@ def parse_gate_override(text: str) -> tuple[float, float]:
         except ValueError:
             raise ConfigError(f"gate override '{text}': '{raw}' is not a number") from None
         return (c, c)
-    raise ConfigError(f"unknown gate override '{text}' (deep-only, wide-only, both=C, shuffled)")
+    raise ConfigError(f"unknown gate override '{text}' (deep-only, wide-only, both=C, {', '.join(GATE_MIXES)})")
 
 
 def check_gate_override(text: str) -> str:
-    """The override itself if valid (constant modes or 'shuffled'), else a ConfigError naming it."""
-    if text != "shuffled":
+    """The override itself if valid (a constant mode or one of GATE_MIXES), else a ConfigError naming it."""
+    if text not in GATE_MIXES:
         parse_gate_override(text)
     return text
 
@@ -413,9 +435,18 @@ class LoopPath(nn.Module):
         self.step_gain = nn.Parameter(torch.full((cfg.max_loops,), float(cfg.branch_scale_init)))  # a_k
         self.halt = HaltingRouter(cfg.d_model)
 
-    def forward(self, x, rope, K=None, cache=None, layer=0, diag: dict | None = None):
-        K = K or self.K
+    def step_gains(self, K: int, extra_steps_gain: str = "last") -> torch.Tensor:
+        """softplus(a_k) for k < K; beyond the trained K, the last trained step's gain ("last") or their own."""
         gains = F.softplus(self.step_gain[:K])
+        if K > self.K and extra_steps_gain == "last":
+            gains = torch.cat([gains[:self.K], gains[self.K - 1:self.K].expand(K - self.K)])
+        elif extra_steps_gain not in ("last", "own"):
+            raise ValueError(f"extra_steps_gain must be last or own, got '{extra_steps_gain}'")
+        return gains
+
+    def forward(self, x, rope, K=None, cache=None, layer=0, diag: dict | None = None, extra_steps_gain="last"):
+        K = K or self.K
+        gains = self.step_gains(K, extra_steps_gain)
         h, remaining = x, None  # remaining = π_k, the mass not yet halted
         out = None
         halt_weights, halt_probs = [], []
@@ -531,7 +562,7 @@ class WideLayer(nn.Module):
             diag["delta_norm_wide"] = (y - x).norm(dim=-1)
         return y
 
-    def flops_per_token(self, seq_len, convention="true", K=None):
+    def flops_per_token(self, seq_len, convention="true", K=None, overrides=None):
         return self.wide.flops_per_token(seq_len, convention)
 
 
@@ -543,12 +574,12 @@ class LoopLayer(nn.Module):
 
     def forward(self, x, rope, ov: Overrides, cache=None, diag=None, choice=None):
         _no_choices(self, choice)
-        y = self.deep(x, rope, ov.K, cache, self.index, diag)
+        y = self.deep(x, rope, ov.K, cache, self.index, diag, ov.extra_steps_gain)
         if diag is not None:
             diag["delta_norm_deep"] = (y - x).norm(dim=-1)
         return y
 
-    def flops_per_token(self, seq_len, convention="true", K=None):
+    def flops_per_token(self, seq_len, convention="true", K=None, overrides=None):
         return self.deep.flops_per_token(seq_len, convention, K)
 
 
@@ -575,6 +606,21 @@ class DualLayer(nn.Module):
             perm = torch.randperm(g_d.numel(), generator=gen).to(g_d.device)
             g_d = g_d.reshape(-1)[perm].view_as(g_d)
             g_w = g_w.reshape(-1)[perm].view_as(g_w)
+        elif ov.gates in ("share-shuffled", "share-shuffled-seq"):
+            gen = torch.Generator(device="cpu").manual_seed(ov.seed * 1000003 + self.index)
+            total = g_d + g_w
+            share = g_d / total.clamp_min(torch.finfo(total.dtype).tiny)
+            if ov.gates == "share-shuffled":
+                perm = torch.randperm(share.numel(), generator=gen).to(share.device)
+                share = share.reshape(-1)[perm].view_as(share)
+            else:
+                perm = torch.stack([torch.randperm(share.shape[1], generator=gen) for _ in range(share.shape[0])])
+                share = share.gather(1, perm.to(share.device))
+            g_d, g_w = share * total, (1 - share) * total
+        elif ov.gates == "swapped":
+            g_d, g_w = g_w, g_d
+        elif ov.gates in DUAL_CHOICES:
+            g_d, g_w = self.apply_choice(g_d, g_w, ov.gates)
         return self.apply_choice(g_d, g_w, choice)
 
     @staticmethod
@@ -606,11 +652,10 @@ class DualLayer(nn.Module):
 
     def forward(self, x, rope, ov: Overrides, cache=None, diag=None, choice=None):
         g_d, g_w = self.gates(x, ov, choice)
-        # A path whose gate is a constant zero is skipped, unless a cache or diagnostics need it.
-        const = ov.gate_constants()
-        need_all = diag is not None or cache is not None
-        h_deep = self.deep(x, rope, ov.K, cache, self.index, diag) if need_all or not const or const[0] else None
-        h_wide = self.wide(x, rope, cache, self.index) if need_all or not const or const[1] else None
+        # A path whose gate is zero for every token is skipped, unless a cache or diagnostics need it.
+        deep_off, wide_off = ov.paths_off() if diag is None and cache is None else (False, False)
+        h_deep = None if deep_off else self.deep(x, rope, ov.K, cache, self.index, diag, ov.extra_steps_gain)
+        h_wide = None if wide_off else self.wide(x, rope, cache, self.index)
         y = self.mix(x, g_d, h_deep, g_w, h_wide)
         if diag is not None:
             dd, dw = h_deep - x, h_wide - x
@@ -634,8 +679,10 @@ class DualLayer(nn.Module):
             out.append(self.mix(x, gd, h_deep, gw, h_wide))
         return out
 
-    def flops_per_token(self, seq_len, convention="true", K=None):
-        return (self.deep.flops_per_token(seq_len, convention, K) + self.wide.flops_per_token(seq_len, convention)
+    def flops_per_token(self, seq_len, convention="true", K=None, overrides: Overrides | None = None):
+        deep_off, wide_off = overrides.paths_off() if overrides is not None else (False, False)
+        return ((0.0 if deep_off else self.deep.flops_per_token(seq_len, convention, K))
+                + (0.0 if wide_off else self.wide.flops_per_token(seq_len, convention))
                 + self.gate.flops_per_token(seq_len, convention))
 
 
@@ -793,7 +840,7 @@ class DuoLayer(nn.Module):
                 "small": self.ffn_small.flops_per_token(seq_len, convention),
                 "router": 0.0 if convention == "paper" else 2.0 * self.cfg.d_model}
 
-    def flops_per_token(self, seq_len: int, convention: str = "true", K=None) -> float:
+    def flops_per_token(self, seq_len: int, convention: str = "true", K=None, overrides=None) -> float:
         """Expected FLOPs per token under the configured policy (realised_flops counts a real batch)."""
         f = self.module_flops(seq_len, convention)
         cfg = self.cfg
@@ -1018,11 +1065,16 @@ class DualPathLM(nn.Module):
 
     # -- accounting ------------------------------------------------------------------------------
 
-    def flops_per_token(self, seq_len: int | None = None, convention: str = "true", K: int | None = None) -> float:
-        """Forward FLOPs per token. paper: sum over layers of projections; true: all matmuls incl. head."""
+    def flops_per_token(self, seq_len: int | None = None, convention: str = "true", K: int | None = None,
+                        overrides: Overrides | None = None) -> float:
+        """Forward FLOPs per token. paper: sum over layers of projections; true: all matmuls incl. head.
+
+        With `overrides`, the FLOPs the forward under them really spends: its forced K, and no FLOPs for a
+        path that a gate mode switches off for every token."""
         _check_convention(convention)
         T = seq_len or self.cfg.seq_len
-        total = sum(layer.flops_per_token(T, convention, K) for layer in self.layers)
+        K = overrides.K if overrides is not None and overrides.K is not None else K
+        total = sum(layer.flops_per_token(T, convention, K, overrides) for layer in self.layers)
         if convention == "true":
             total += 2.0 * self.cfg.d_model * self.cfg.vocab_size
         return float(total)

@@ -62,12 +62,13 @@ def evaluate_text(model, tokenizer, text: str, batch_size: int = 8, overrides: O
     windows = [[eos_id(tokenizer)] + ids[:ctx]] + [ids[i - 1:i + ctx] for i in range(ctx, len(ids), ctx)]
     t0 = time.perf_counter()
     losses = torch.cat(score_sequences(model, windows, batch_size, overrides))
-    return _summary(losses.double().sum().item(), losses.numel(), nbytes, time.perf_counter() - t0, model)
+    return _summary(losses.double().sum().item(), losses.numel(), nbytes, time.perf_counter() - t0, model, overrides)
 
 
-def _summary(loss_sum: float, n_tokens: int, n_bytes: int, seconds: float, model) -> dict:
+def _summary(loss_sum: float, n_tokens: int, n_bytes: int, seconds: float, model, overrides=None) -> dict:
+    """Loss, ppl, BPB, throughput, and the forward FLOPs per token the evaluated variant really spent."""
     loss = loss_sum / max(n_tokens, 1)
-    fpt = model.flops_per_token(model.cfg.seq_len, "true")
+    fpt = model.flops_per_token(model.cfg.seq_len, "true", overrides=overrides)
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bpb": loss_sum / LN2 / n_bytes if n_bytes else float("nan"),
             "tokens": n_tokens, "bytes": n_bytes, "tokens_per_s": n_tokens / max(seconds, 1e-9),
             "flops_per_token": fpt, "flops": fpt * n_tokens}
@@ -130,7 +131,7 @@ def evaluate_examples(model, tokenizer, examples: list[dict], batch_size: int = 
     for key, a in acc.items():
         result[key] = {
             "n": a["n"],
-            **{k: v for k, v in _summary(a["loss_sum"], a["tokens"], a["bytes"], seconds, model).items()
+            **{k: v for k, v in _summary(a["loss_sum"], a["tokens"], a["bytes"], seconds, model, overrides).items()
                if k in ("loss", "ppl", "bpb", "tokens", "bytes", "tokens_per_s", "flops")},
             "answer_loss": a["answer_loss_sum"] / max(a["answer_tokens"], 1),
             "accuracy": a["correct"] / a["n"] if exact_match else None,
@@ -230,18 +231,20 @@ def evaluate_shards(model, folder: str | Path, split: str = "val", batch_size: i
         loss_sum += out.per_token_loss.double().sum().item()
         n_tok += y.numel()
         n_bytes += int(byte_len[y.cpu()].sum())
-    return _summary(loss_sum, n_tok, n_bytes, time.perf_counter() - t0, model)
+    return _summary(loss_sum, n_tok, n_bytes, time.perf_counter() - t0, model, overrides)
 
 
-def _variants(force_K: list[int] | None, gates: list[str] | None, trained_K: int) -> list[tuple[str, Overrides]]:
+def _variants(force_K: list[int] | None, gates: list[str] | None, trained_K: int,
+              extra_steps_gain: str = "last") -> list[tuple[str, Overrides]]:
     rows = [(f"trained (K={trained_K})", Overrides())]
-    rows += [(f"K={k}", Overrides(K=k)) for k in (force_K or []) if k != trained_K]
+    rows += [(f"K={k}", Overrides(K=k, extra_steps_gain=extra_steps_gain)) for k in (force_K or []) if k != trained_K]
     rows += [(f"gates={g}", Overrides(gates=g)) for g in (gates or [])]
     return rows
 
 
 def evaluate_datasets(model, tokenizer, data: list[str], *, force_K: list[int] | None = None,
-                      gates: list[str] | None = None, batch_size: int = 8, limit: int | None = None,
+                      gates: list[str] | None = None, extra_steps_gain: str = "last", batch_size: int = 8,
+                      limit: int | None = None,
                       exact_match: bool = True, qa_exact_match: bool = True, log=None) -> dict:
     """Evaluate every (variant, dataset) pair. Datasets: a prepared folder (val shards, plus the synthetic
     eval examples when present), a .txt file, or a Q/A .jsonl file (e.g. GSM8K). Variants: the model as
@@ -277,7 +280,7 @@ def evaluate_datasets(model, tokenizer, data: list[str], *, force_K: list[int] |
         else:
             raise DataError(f"evaluation data not found: {p}")
     results: dict = {"datasets": [s[0] for s in sources], "variants": {}}
-    for name, ov in _variants(force_K, gates, cfg.K if cfg.arch in ("loop", "dual") else 1):
+    for name, ov in _variants(force_K, gates, cfg.K if cfg.arch in ("loop", "dual") else 1, extra_steps_gain):
         row = {}
         for ds, kind, path in sources:
             if log:

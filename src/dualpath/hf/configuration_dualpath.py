@@ -2,16 +2,18 @@
 
 This file is copied, with the model code it needs, next to the weights by `dualpath export --hf`, so
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` works without dualpath installed.
-Inside the dualpath package it imports `..config`; the exported copy imports `.config` (the exporter
+Inside the dualpath package it imports `..model`; the exported copy imports `.model` (the exporter
 rewrites the two-dot imports).
 
-Every field of `dualpath.config.ModelConfig` is a config attribute, plus two inference settings that
+Every field of `dualpath.model.ModelConfig` is a config attribute, plus inference settings that
 `from_pretrained(DIR, trust_remote_code=True, K=2, gates="deep-only")` (and so lm-eval's `--model_args`)
 can set:
 
-    K          loop steps of the deep path (1..max_loops), as `Overrides(K=...)` does natively
-    gates      None | "deep-only" | "wide-only" | "both=C" | "shuffled"  (dual only)
-    gate_seed  seed of the "shuffled" gates
+    K                 loop steps of the deep path (1..max_loops), as `Overrides(K=...)` does natively
+                      (`trained_K` keeps the K the weights were trained with)
+    extra_steps_gain  "last" | "own": the gain of steps beyond trained_K (see `Overrides`)
+    gates             None | a gate mode of `Overrides` (dual only)
+    gate_seed         seed of the shuffled gate modes
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ import dataclasses
 from transformers import PretrainedConfig
 
 from ..errors import CheckpointError, ConfigError
-from ..model import ModelConfig, check_gate_override
+from ..model import GATE_MIXES, ModelConfig, check_gate_override
 
 # The layout of config.json. Tracks dualpath.checkpoint.CONFIG_VERSION (a test keeps them equal).
 # Raise it, and extend `upgrade_fields`, whenever a ModelConfig field is renamed or changes meaning.
 DUALPATH_CONFIG_VERSION = 1
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
-GATE_OVERRIDES = "deep-only, wide-only, both=C, shuffled"
+GATE_OVERRIDES = "deep-only, wide-only, both=C, " + ", ".join(GATE_MIXES)
 
 
 def upgrade_fields(fields: dict, version: int) -> dict:
@@ -59,8 +61,8 @@ class DualPathConfig(PretrainedConfig):
         "max_position_embeddings": "seq_len",
     }
 
-    def __init__(self, gates: str | None = None, gate_seed: int = 0,
-                 dualpath_config_version: int = DUALPATH_CONFIG_VERSION, **kwargs):
+    def __init__(self, gates: str | None = None, gate_seed: int = 0, trained_K: int | None = None,
+                 extra_steps_gain: str = "last", dualpath_config_version: int = DUALPATH_CONFIG_VERSION, **kwargs):
         try:
             version = int(dualpath_config_version)
         except (TypeError, ValueError):
@@ -78,6 +80,11 @@ class DualPathConfig(PretrainedConfig):
         check_gates(gates)
         self.gates = gates
         self.gate_seed = int(gate_seed)
+        # K is the inference setting (from_pretrained(..., K=3)); the weights were trained with trained_K
+        self.trained_K = int(trained_K if trained_K is not None else self.K)
+        if extra_steps_gain not in ("last", "own"):
+            raise ValueError(f"extra_steps_gain={extra_steps_gain!r} is not one of last, own")
+        self.extra_steps_gain = extra_steps_gain
         self.dualpath_config_version = DUALPATH_CONFIG_VERSION  # upgraded on load
         kwargs["tie_word_embeddings"] = bool(self.tie_embeddings)
         kwargs.setdefault("use_cache", True)
@@ -86,4 +93,5 @@ class DualPathConfig(PretrainedConfig):
     def to_model_config(self) -> ModelConfig:
         """The dualpath ModelConfig; raises ConfigError if the fields are inconsistent."""
         cfg = ModelConfig(**{name: getattr(self, name) for name in MODEL_FIELDS})
+        cfg.K = self.trained_K
         return cfg.validate()

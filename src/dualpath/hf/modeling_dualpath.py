@@ -85,6 +85,8 @@ class DualPathForCausalLM(DualPathPreTrainedModel, GenerationMixin):
         config.K = int(config.K)
         config.gate_seed = int(config.gate_seed)
         check_gates(config.gates)
+        if not 1 <= config.K <= config.max_loops:
+            raise ValueError(f"K={config.K} is outside 1..max_loops={config.max_loops}")
         self.model = DualPathLM(config.to_model_config())
         self.post_init()
 
@@ -106,7 +108,8 @@ class DualPathForCausalLM(DualPathPreTrainedModel, GenerationMixin):
         """The inference overrides the config asks for (K, gates); read on every forward."""
         c = self.config
         K = c.K if c.arch in ("loop", "dual") else None
-        return Overrides(K=K, gates=c.gates if c.arch == "dual" else None, seed=c.gate_seed)
+        return Overrides(K=K, gates=c.gates if c.arch == "dual" else None, seed=c.gate_seed,
+                         extra_steps_gain=c.extra_steps_gain)
 
     # -- forward ---------------------------------------------------------------------------------
 
