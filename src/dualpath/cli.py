@@ -282,12 +282,14 @@ def cmd_duo_report(args) -> int:
 
 
 def cmd_mechanism(args) -> int:
-    from .experiments.mechanism import gate_study, routing_study
+    from .experiments.mechanism import gate_study, routing_study, world_seed_check
 
-    if not args.skip_gate_study:
-        gate_study(args.out, tokens=args.tokens, quick=args.quick)
     if not args.skip_routing:
         routing_study(args.out, seeds=args.seeds, tokens=args.tokens, quick=args.quick)
+    if not args.skip_gate_study:
+        gate_study(args.out, tokens=args.tokens, quick=args.quick)
+    if args.world_seed:
+        world_seed_check(args.out, world_seed=args.world_seed, tokens=args.tokens, quick=args.quick)
     return 0
 
 
@@ -480,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokens", type=int, default=None, help="training tokens per run (default: the demo's)")
     s.add_argument("--skip-gate-study", action="store_true")
     s.add_argument("--skip-routing", action="store_true")
+    s.add_argument("--world-seed", type=int, default=1,
+                   help="also check the calibration on this synthetic world (0: skip; default: 1)")
     s.add_argument("--quick", action="store_true", help="a tiny corpus and few eval examples (tests)")
     s.set_defaults(func=cmd_mechanism)
 

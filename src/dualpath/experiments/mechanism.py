@@ -1,14 +1,15 @@
 """The mechanism study of docs/MECHANISM.md, on the demo's setup (experiments/demo.py: backbone, corpus,
 per-layer budget, equal tokens for every arm).
 
-    dualpath mechanism OUT [--seeds 0,1,2] [--tokens N] [--skip-gate-study] [--skip-routing]
+    dualpath mechanism OUT [--seeds 0,1,2] [--tokens N] [--skip-gate-study] [--skip-routing] [--world-seed 1]
 
 1. gate study: the Dual arm under one knob at a time (training length, init, the gain start, the
    reference's weight decay, a gate/gain LR multiplier): do the gates move, and what does it cost in loss;
 2. routing by category over seeds: PureWide, PureLoop and Dual at matched FLOPs per token and equal tokens;
    per-category accuracy and answer loss, the Dual model's g_d, g_w, ρ_d at the answer-producing positions
    per layer, and the per-category cost of forcing deep-only, wide-only and shuffled gates; mean, std and
-   95% t-intervals over seeds, and differences to PureWide paired by seed.
+   95% t-intervals over seeds, and differences to PureWide paired by seed;
+3. the calibration on another synthetic world (`--world-seed`, without retuning).
 
 Every run is resumable (a finished run is reused); results go to OUT/gate_study.{json,md} and
 OUT/routing.{json,md}. The dose-response sweep is `dualpath sweep configs/sweeps/mechanism_dose_response.yaml`.
@@ -38,18 +39,19 @@ GATE_STUDY = (
 FORCED = (("deep-only", "deep-only"), ("wide-only", "wide-only"), ("shuffled", "shuffled"))
 
 
-def _setup(out: Path, quick: bool, log):
-    """The demo's corpus (prepared once under OUT/data), widths and eval examples."""
+def _setup(out: Path, quick: bool, log, world_seed: int = 0):
+    """The demo's corpus (prepared once under OUT/data, or OUT/data_world{seed} for another synthetic world),
+    widths and eval examples."""
     from ..data.prepare import prepare
     from ..data.synthetic import SyntheticConfig
     from .demo import ARMS, BACKBONE, BUDGET, DEMO_SYNTHETIC, TOKENS, solve_arms
 
-    data = out / "data"
+    data = out / ("data" if not world_seed else f"data_world{world_seed}")
     if not (data / "meta.json").is_file():
         log(f"preparing the corpus in {data}")
         prepare(["synthetic"], data, vocab_size=BACKBONE["vocab_size"], max_tokens=200_000 if quick else 4 * TOKENS,
-                val_fraction=0.02, synthetic=SyntheticConfig(**DEMO_SYNTHETIC), synthetic_eval_per_category=200,
-                progress=False, overwrite=True)
+                val_fraction=0.02, synthetic=SyntheticConfig(**{**DEMO_SYNTHETIC, "seed": world_seed}),
+                synthetic_eval_per_category=200, progress=False, overwrite=True)
     meta = json.loads((data / "meta.json").read_text())
     rows = {arch: row for (_, arch, _, _), row in zip(ARMS, solve_arms(BUDGET))}
     names = {arch: name for name, arch, _, _ in ARMS}
@@ -122,6 +124,33 @@ def gate_study(out: str | Path, tokens: int | None = None, seed: int = 0, quick:
     atomic_write_text(out / "gate_study.md", table + "\n")
     log(table)
     return {"results": results, "table": table}
+
+
+def world_seed_check(out: str | Path, world_seed: int = 1, tokens: int | None = None, quick: bool = False,
+                     log=print) -> dict:
+    """The calibration on another synthetic world (synthetic.seed), without retuning: every arm's
+    per-category accuracy, seed 0."""
+    from ..eval.evaluate import evaluate_examples
+    from .demo import TOKENS
+
+    out = Path(out)
+    tokens = tokens or TOKENS
+    data, meta, rows, names, examples = _setup(out, quick, log, world_seed)
+    examples = _per_category(examples, 8 if quick else 100)
+    result = {}
+    for arch, row in rows.items():
+        log(f"world {world_seed}: {names[arch]}")
+        model, tok, summary = _train(row, data, out / f"world{world_seed}" / arch, tokens, meta["vocab_size"], 0)
+        ev = evaluate_examples(model, tok, examples, batch_size=32)
+        result[arch] = {c: v["accuracy"] for c, v in ev.items() if c != "all"}
+    cats = [c for c in next(iter(result.values())) if "@" not in c]
+    lines = [f"synthetic.seed = {world_seed} (the demo's settings otherwise), model seed 0", "",
+             "| model | " + " | ".join(f"{c} acc" for c in cats) + " |", "|---" * (1 + len(cats)) + "|"]
+    lines += [f"| {names[a]} | " + " | ".join(f"{100 * r[c]:.1f}%" for c in cats) + " |" for a, r in result.items()]
+    atomic_write_text(out / f"world{world_seed}.json", json.dumps(result, indent=2))
+    atomic_write_text(out / f"world{world_seed}.md", "\n".join(lines) + "\n")
+    log("\n".join(lines))
+    return result
 
 
 def _per_category(examples: list[dict], n: int) -> list[dict]:
