@@ -349,10 +349,13 @@ def test_config_loads_from_plain_mapping():
     ("mix_recall", -1.0), ("mix_chain", float("inf")), ("mix_chain", "1"), ("recall_facts", 0),
     ("recall_facts", 100_001), ("recall_facts", 2.0), ("recall_value_digits", 0), ("recall_value_digits", 7),
     ("chain_steps_min", 0), ("chain_steps_min", 31), ("chain_steps_max", 1), ("chain_steps_max", 31),
-    ("chain_steps_max", True),
+    ("chain_steps_max", True), ("mix_hops", -1.0), ("hops_min", -1), ("hops_min", 25), ("hops_max", 0),
+    ("hops_max", 25), ("hops_chains", 1), ("hops_chains", 11), ("hops_queries", 0), ("hops_queries", 9),
+    ("hops_chains", 2.0),
 ])
 def test_config_rejects_bad_values(field, value):
-    cfg = dataclasses.replace(SyntheticConfig(min_digits=2, program_depth_min=2, chain_steps_min=2), **{field: value})
+    cfg = dataclasses.replace(SyntheticConfig(min_digits=2, program_depth_min=2, chain_steps_min=2, hops_min=1),
+                              **{field: value})
     with pytest.raises(ConfigError, match=field) as info:
         cfg.validate()
     assert "\n" not in str(info.value)
@@ -407,7 +410,8 @@ def test_legacy_corpora_are_byte_identical(knobs, stream, evals_hash):
     assert stream_digest(cfg) == stream
     assert eval_digest(cfg) == evals_hash
     # The new knobs do nothing while their mixes are 0.
-    other = dataclasses.replace(cfg, recall_facts=7, recall_value_digits=1, chain_steps_min=9, chain_steps_max=9)
+    other = dataclasses.replace(cfg, recall_facts=7, recall_value_digits=1, chain_steps_min=9, chain_steps_max=9,
+                                hops_min=2, hops_max=5, hops_chains=4, hops_queries=2)
     assert stream_digest(other, 500) == stream_digest(cfg, 500)
     assert eval_examples(other, 20) == eval_examples(cfg, 20)
 
@@ -624,7 +628,174 @@ def test_new_defaults():
 
 
 def test_new_knobs_load_from_a_plain_mapping():
-    cfg = from_dict(SyntheticConfig, {"mix_recall": 1, "mix_chain": "0.5", "recall_facts": 64,
+    cfg = from_dict(SyntheticConfig, {"mix_recall": 1, "mix_chain": "0.5", "mix_hops": 2, "recall_facts": 64,
                                       "recall_value_digits": 2, "chain_steps_min": 3, "chain_steps_max": 6})
     assert cfg.validate() is cfg and cfg.trained_categories() == CATEGORIES
     assert (cfg.recall_facts, cfg.chain_steps_min, cfg.chain_steps_max, cfg.mix_chain) == (64, 3, 6, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hops (compute): variable chasing among distractor chains, assignments in random order
+
+HOPS_PROBLEM = re.compile(r"let [a-z] = [a-z0-9](?: [a-z] = [a-z0-9])*(?:\n; [a-z] \? \d)+")
+HOPS_ONLY = dict(mix_facts=0, mix_arith=0, mix_programs=0, mix_gsm=0, mix_hops=1)
+
+
+def hops_problems(doc: str) -> list[str]:
+    """The problems of a hops document: each is a "let ..." line followed by its query lines."""
+    return re.split(r"\n(?=let )", doc)
+
+
+def parse_hops(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str | None]]]:
+    """([(var, value), ...] in text order, [(query var, stated answer or None), ...]) of a hops problem or
+    prompt ("let q = 4 b = q\n; b ? 4\n; q ? 4", or "let q = 4 b = q\n; b ? ")."""
+    defs, *queries = text.split("\n")
+    assert defs.startswith("let "), text
+    toks = defs.removeprefix("let ").split(" ")
+    assert len(toks) % 3 == 0 and toks[1::3] == ["="] * (len(toks) // 3), text
+    stmts = list(zip(toks[0::3], toks[2::3]))
+    qs = []
+    for q in queries:
+        semi, var, mark, ans = q.split(" ")
+        assert semi == ";" and mark == "?", text
+        qs.append((var, ans or None))
+    return stmts, qs
+
+
+def resolve(stmts: list[tuple[str, str]], var: str) -> tuple[str, int]:
+    """(root digit, hops) of `var`, by following the copies one at a time."""
+    env = dict(stmts)
+    hops = 0
+    while not env[var].isdigit():
+        var = env[var]
+        hops += 1
+        assert hops <= 26, "cycle"
+    return env[var], hops
+
+
+def check_hops_problem(cfg: SyntheticConfig, stmts: list[tuple[str, str]]) -> str:
+    """Checks the structure of one problem; returns its canonical key, computed here from the text: the chains
+    as digit + letters from the root, sorted."""
+    lhs = [v for v, _ in stmts]
+    assert len(set(lhs)) == len(lhs) and all(len(v) == 1 and v.islower() for v in lhs)
+    env = dict(stmts)
+    roots = [v for v, x in stmts if x.isdigit()]
+    assert len(roots) == cfg.hops_chains
+    assert len({env[r] for r in roots}) == len(roots)  # distinct root digits
+    copied_by = {x: v for v, x in stmts if not x.isdigit()}
+    assert len(copied_by) == len(stmts) - len(roots)  # every variable is read at most once: chains, no trees
+    chains = []
+    for r in roots:
+        chain = [env[r], r]
+        while chain[-1] in copied_by:
+            chain.append(copied_by[chain[-1]])
+        assert cfg.hops_min <= len(chain) - 2 <= cfg.hops_max
+        chains.append("".join(chain))
+    assert sum(len(c) - 1 for c in chains) == len(stmts)  # every assignment is on a chain from a root
+    return "hops/" + "/".join(sorted(chains))
+
+
+@pytest.fixture(scope="module")
+def hcfg() -> SyntheticConfig:
+    return SyntheticConfig(**HOPS_ONLY, mix_recall=1, hops_min=1, hops_max=4, hops_chains=3, hops_queries=3)
+
+
+@pytest.fixture(scope="module")
+def htrain(hcfg) -> list[str]:
+    return take(hcfg, 4000)
+
+
+@pytest.fixture(scope="module")
+def hevals(hcfg) -> list[dict]:
+    return eval_examples(hcfg, 200)
+
+
+def test_training_hops_are_correct_and_never_held_out(hcfg, htrain):
+    lines = [p for d in htrain if d.startswith("let ") for p in hops_problems(d)]
+    assert len(lines) > 5000 and all(HOPS_PROBLEM.fullmatch(p) for p in lines)
+    first_hops, other_hops, n_queries, before_use = set(), set(), set(), 0
+    for ln in lines:
+        stmts, queries = parse_hops(ln)
+        key = check_hops_problem(hcfg, stmts)
+        assert not held_out(key, hcfg.holdout_fraction), ln
+        reads = {x for _, x in stmts}
+        assert queries[0][0] not in reads  # the first query (the eval query) is the end of a chain
+        assert len({q for q, _ in queries}) == len(queries)
+        for i, (q, ans) in enumerate(queries):
+            digit, hops = resolve(stmts, q)
+            assert ans == digit, ln
+            assert hcfg.hops_min <= hops <= hcfg.hops_max
+            (first_hops if i == 0 else other_hops).add(hops)
+        n_queries.add(len(queries))
+        pos = {v: i for i, (v, _) in enumerate(stmts)}
+        before_use += sum(pos[x] > pos[v] for v, x in stmts if not x.isdigit())
+    assert first_hops == other_hops == set(range(hcfg.hops_min, hcfg.hops_max + 1))
+    assert n_queries == {hcfg.hops_queries}
+    # Random order: a good share of the copies read a variable that is only defined later in the line.
+    copies = sum(len(parse_hops(ln)[0]) - hcfg.hops_chains for ln in lines)
+    assert 0.3 < before_use / copies < 0.7
+
+
+def test_hops_key_ignores_the_order_of_the_assignments():
+    chains = [["4", "q", "b", "k"], ["7", "x", "m"]]
+    assert syn.hops_key(chains) == syn.hops_key(chains[::-1]) == "hops/4qbk/7xm"
+    assert syn.hops_assignments(chains) == [("q", "4"), ("b", "q"), ("k", "b"), ("x", "7"), ("m", "x")]
+    cfg = SyntheticConfig(**HOPS_ONLY, hops_chains=2, hops_max=3)
+    stmts = syn.hops_assignments(chains)
+    assert check_hops_problem(cfg, stmts) == check_hops_problem(cfg, stmts[::-1]) == syn.hops_key(chains)
+
+
+def test_hops_eval_examples(hcfg, hevals):
+    hops = [e for e in hevals if e["category"] == "hops"]
+    assert len(hops) == 200 and [e["category"] for e in hevals] == ["recall"] * 100 + ["hops"] * 200
+    for e in hops:
+        assert set(e) == {"category", "text", "prompt", "answer", "answer_start", "answer_end", "hops"}
+        assert e["prompt"] == e["text"][:e["answer_start"]] and e["answer_end"] == len(e["text"])
+        assert HOPS_PROBLEM.fullmatch(e["text"]) and e["prompt"].endswith(" ? ")
+        stmts, queries = parse_hops(e["prompt"])
+        assert len(queries) == 1 and queries[0][1] is None
+        assert held_out(check_hops_problem(hcfg, stmts), hcfg.holdout_fraction)
+        digit, k = resolve(stmts, queries[0][0])
+        assert digit == e["answer"] and k == e["hops"]
+        assert queries[0][0] not in {x for _, x in stmts}
+    assert len({e["text"] for e in hops}) == 200
+    # Round robin over the hop counts: 50 of each of 1..4.
+    assert [e["hops"] for e in hops[:8]] == [1, 2, 3, 4, 1, 2, 3, 4]
+    assert sorted(sum(e["hops"] == k for e in hops) for k in range(1, 5)) == [50] * 4
+    small = eval_examples(hcfg, 9, ["hops"])
+    assert small == hops[:9]
+    assert {e["category"] for e in by_dial(hops)} == {f"hops@hops={k}" for k in range(1, 5)}
+    assert parse_dial("hops@hops=3") == ("hops", "hops", 3)
+
+
+def test_held_out_hops_never_appear_in_training():
+    # A small problem space (two chains of one root each: about 29,000 problems) that 20,000 documents
+    # mostly cover, so held-out problems would show up in training if they were not rejected.
+    cfg = SyntheticConfig(**HOPS_ONLY, hops_min=0, hops_max=0, hops_chains=2, hops_queries=2)
+    keys = set()
+    for d in take(cfg, 20_000):
+        for ln in hops_problems(d):
+            stmts, queries = parse_hops(ln)
+            assert len(queries) == 2 and all(resolve(stmts, q) == (a, 0) for q, a in queries)
+            keys.add(check_hops_problem(cfg, stmts))
+    assert len(keys) > 20_000
+    evals = eval_examples(cfg, 300)
+    assert {e["hops"] for e in evals} == {0}
+    eval_keys = {check_hops_problem(cfg, parse_hops(e["prompt"])[0]) for e in evals}
+    assert len(eval_keys) == 300 and not eval_keys & keys
+
+
+def test_hops_config():
+    cfg = SyntheticConfig()
+    assert (cfg.mix_hops, cfg.hops_min, cfg.hops_max, cfg.hops_chains, cfg.hops_queries) == (0, 0, 1, 2, 4)
+    got = eval_examples(dataclasses.replace(cfg, **HOPS_ONLY), 10)
+    assert [e["hops"] for e in got] == [0, 1] * 5
+    got = from_dict(SyntheticConfig, {"mix_hops": "1", "hops_min": 2, "hops_max": 5, "hops_chains": 4,
+                                      "hops_queries": 2})
+    assert got.validate() is got and "hops" in got.trained_categories()
+    assert (got.hops_min, got.hops_max, got.hops_chains, got.hops_queries) == (2, 5, 4, 2)
+    SyntheticConfig(**HOPS_ONLY, hops_chains=2, hops_max=12).validate()  # 2 * 13 letters: the limit
+    with pytest.raises(ConfigError, match="hops_chains"):
+        SyntheticConfig(**HOPS_ONLY, hops_chains=7, hops_max=3).validate()  # 28 variables > 26 letters
+    with pytest.raises(DataError, match="hops"):
+        eval_examples(SyntheticConfig(**HOPS_ONLY, hops_min=0, hops_max=0, hops_chains=2), 2000)

@@ -11,10 +11,12 @@ Two small mechanism tasks with one dial each, off by default (mix 0), sized for 
 
 * recall (capacity): `recall_facts` made-up "key : value" facts, stated in the query format itself;
   pure memorisation, so every eval fact is in training by design;
-* chain (compute): a start digit and `chain_steps` dependent invertible operations modulo 10.
+* chain (compute): a start digit and `chain_steps` dependent invertible operations modulo 10;
+* hops (compute): variable chasing, "let q = 4 x = 7 b = q m = x k = b\n; k ? 4": follow `hops` copies back
+  to a root digit, among distractor chains, with the assignments in random order.
 
 The held-out evaluation splits ask for seen facts in unseen phrasings, and for arithmetic, programs,
-word problems and chains that the training stream never emits (held out by a hash of the canonical
+word problems, chains and hop problems that the training stream never emits (held out by a hash of the canonical
 problem). See docs/SYNTHETIC.md.
 """
 
@@ -28,12 +30,13 @@ from typing import Callable, Iterator
 
 from ..errors import ConfigError, DataError
 
-CATEGORIES: tuple[str, ...] = ("fact", "arith", "program", "gsm", "recall", "chain")
+CATEGORIES: tuple[str, ...] = ("fact", "arith", "program", "gsm", "recall", "chain", "hops")
 # The mix weight of each category; eval_examples covers the categories whose weight is > 0.
 MIX_FIELDS: dict[str, str] = {"fact": "mix_facts", "arith": "mix_arith", "program": "mix_programs",
-                              "gsm": "mix_gsm", "recall": "mix_recall", "chain": "mix_chain"}
+                              "gsm": "mix_gsm", "recall": "mix_recall", "chain": "mix_chain",
+                              "hops": "mix_hops"}
 # The dial an eval example of these categories carries as an extra field (see by_dial).
-DIALS: dict[str, str] = {"recall": "facts", "chain": "steps"}
+DIALS: dict[str, str] = {"recall": "facts", "chain": "steps", "hops": "hops"}
 
 # Relations are functional (one per type per person) and asymmetric, so "Who is X's mentor?" has one
 # answer; symmetric ones such as sibling would make the reverse question ambiguous.
@@ -59,6 +62,9 @@ RECALL_FACTS_DEFAULT = 100  # calibrated: see docs/SYNTHETIC.md
 RECALL_FACTS_MAX = 100_000
 RECALL_TWO_SYLLABLES_MAX = 10_000  # 2-syllable keys (33,856 exist) up to here, 3-syllable ones above
 CHAIN_STEPS_MAX = 30
+HOPS_MAX = 24  # a chain of h copies uses h + 1 distinct letters; hops_chains * (hops_max + 1) <= 26
+HOPS_CHAINS_MAX = 10  # the chains' root digits are distinct
+HOPS_QUERIES_MAX = 8
 
 # ---------------------------------------------------------------------------------------------
 # Templates. Placeholders: name, city, job, a_job, year, rel, a_rel, other.
@@ -167,11 +173,17 @@ class SyntheticConfig:
     recall_value_digits: int = 2  # digits of a recall value (1: 0-9, d > 1: uniform over d-digit numbers)
     chain_steps_min: int = 1  # compute dial: dependent mod-10 operations per chain, uniform in [min, max]
     chain_steps_max: int = 3
+    mix_hops: float = 0.0
+    # Hops defaults: the only setting seen to learn at laptop scale (needs ~1.5M tokens; see docs/SYNTHETIC.md).
+    hops_min: int = 0  # compute dial: copies between the queried variable and its root, uniform in [min, max]
+    hops_max: int = 1
+    hops_chains: int = 2  # chains per problem: the queried one and hops_chains - 1 distractors
+    hops_queries: int = 4  # query lines per training problem; the first is shaped like the eval query
 
     def validate(self) -> "SyntheticConfig":
         ints = ("seed", "n_entities", "n_relations", "n_cities", "min_digits", "max_digits",
                 "program_depth_min", "program_depth_max", "recall_facts", "recall_value_digits",
-                "chain_steps_min", "chain_steps_max")
+                "chain_steps_min", "chain_steps_max", "hops_min", "hops_max", "hops_chains", "hops_queries")
         for name in ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -207,12 +219,24 @@ class SyntheticConfig:
         if not self.chain_steps_min <= self.chain_steps_max <= CHAIN_STEPS_MAX:
             raise ConfigError(f"synthetic.chain_steps_max must be in [chain_steps_min={self.chain_steps_min}, "
                               f"{CHAIN_STEPS_MAX}], got {self.chain_steps_max}")
+        if not 0 <= self.hops_min <= HOPS_MAX:
+            raise ConfigError(f"synthetic.hops_min must be in [0, {HOPS_MAX}], got {self.hops_min}")
+        if not self.hops_min <= self.hops_max <= HOPS_MAX:
+            raise ConfigError(f"synthetic.hops_max must be in [hops_min={self.hops_min}, {HOPS_MAX}], "
+                              f"got {self.hops_max}")
+        if not 2 <= self.hops_chains <= HOPS_CHAINS_MAX:  # one chain alone: the only digit is the answer
+            raise ConfigError(f"synthetic.hops_chains must be in [2, {HOPS_CHAINS_MAX}], got {self.hops_chains}")
+        if self.hops_chains * (self.hops_max + 1) > len(_VARS):
+            raise ConfigError(f"synthetic.hops_chains * (hops_max + 1) must be <= {len(_VARS)} (one letter per "
+                              f"variable), got {self.hops_chains} * {self.hops_max + 1}")
+        if not 1 <= self.hops_queries <= HOPS_QUERIES_MAX:
+            raise ConfigError(f"synthetic.hops_queries must be in [1, {HOPS_QUERIES_MAX}], got {self.hops_queries}")
         for name in MIX_FIELDS.values():
             if getattr(self, name) < 0:
                 raise ConfigError(f"synthetic.{name} must be >= 0, got {getattr(self, name)}")
         if sum(getattr(self, name) for name in MIX_FIELDS.values()) <= 0:
-            raise ConfigError("synthetic.mix_facts/mix_arith/mix_programs/mix_gsm/mix_recall/mix_chain "
-                              "must not all be 0")
+            raise ConfigError("synthetic.mix_facts/mix_arith/mix_programs/mix_gsm/mix_recall/mix_chain/"
+                              "mix_hops must not all be 0")
         if not 0 <= self.qa_prob <= 1:
             raise ConfigError(f"synthetic.qa_prob must be in [0, 1], got {self.qa_prob}")
         if not 0 < self.holdout_fraction <= 0.5:
@@ -590,6 +614,61 @@ def _chain(rng: random.Random, steps: int) -> tuple[str, str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Hops (compute): variable chasing. "let q = 4 x = 7 b = q m = x k = b\n; k ? 4": hops_chains chains, each a root
+# "v = digit" followed by copies "w = v"; the query is the end of one chain, `hops` copies from its root, and
+# the answer is the root's digit. The roots' digits are distinct, the letters are distinct within a problem,
+# and the assignments come in random order (a copy may precede the definition it reads), so the chain has to
+# be searched hop by hop at the query; the distractor chains make "the only digit" or "the nearest digit"
+# wrong answers. Each query is a line of its own, so a greedy answer ends at the newline (exact match reads the
+# first line of the continuation), and a training problem can carry hops_queries of them.
+
+
+def _hops_problem(rng: random.Random, hops: int, cfg: SyntheticConfig) -> list[list[str]]:
+    """The chains of one problem, each [digit, root, copy1, ...]; chain 0 (the queried one) has `hops` copies,
+    the distractors a count uniform in [hops_min, hops_max]."""
+    lengths = [hops] + [rng.randint(cfg.hops_min, cfg.hops_max) for _ in range(cfg.hops_chains - 1)]
+    digits = rng.sample(range(10), cfg.hops_chains)
+    letters = iter(rng.sample(_VARS, sum(lengths) + len(lengths)))
+    return [[str(d)] + [next(letters) for _ in range(n + 1)] for d, n in zip(digits, lengths)]
+
+
+def hops_key(chains: list[list[str]]) -> str:
+    """The canonical problem, for the hold-out: its chains in sorted order, each as digit + letters from the root
+    ("hops/4qbk/7xm" for q = 4, b = q, k = b and x = 7, m = x). It ignores the order of the assignments and
+    which variables are queried, so no ordering of a held-out problem, with any queries, is ever trained on."""
+    return "hops/" + "/".join(sorted("".join(c) for c in chains))
+
+
+def hops_assignments(chains: list[list[str]]) -> list[tuple[str, str]]:
+    """(variable, value) of every assignment, chain by chain: (root, digit), then (copy, previous)."""
+    return [(c[i], c[i - 1]) for c in chains for i in range(1, len(c))]
+
+
+def _hops_text(rng: random.Random, chains: list[list[str]]) -> str:
+    stmts = hops_assignments(chains)
+    rng.shuffle(stmts)
+    # "let " first, so that every variable is the same BPE token (" q") wherever it stands in the line.
+    return "let " + " ".join(f"{v} = {x}" for v, x in stmts) + "\n"
+
+
+def _hops_eval(rng: random.Random, hops: int, cfg: SyntheticConfig) -> tuple[str, str, str]:
+    """(key, prompt, answer) of one problem whose query is the end of chain 0."""
+    chains = _hops_problem(rng, hops, cfg)
+    return hops_key(chains), _hops_text(rng, chains) + f"; {chains[0][-1]} ? ", chains[0][0]
+
+
+def _hops_train(rng: random.Random, cfg: SyntheticConfig) -> tuple[str, str, str]:
+    """(key, problem text minus its last answer, last answer): the first query is the end of chain 0 (as in
+    eval), the other hops_queries - 1 are distinct other variables whose hop count is in [hops_min, hops_max]."""
+    chains = _hops_problem(rng, rng.randint(cfg.hops_min, cfg.hops_max), cfg)
+    queries = [(chains[0][-1], chains[0][0])]
+    others = [(c[i], c[0]) for c in chains for i in range(1 + cfg.hops_min, len(c)) if c[i] != chains[0][-1]]
+    queries += rng.sample(others, min(cfg.hops_queries - 1, len(others)))
+    text = _hops_text(rng, chains) + "\n".join(f"; {v} ? {d}" for v, d in queries)
+    return hops_key(chains), text[:-1], text[-1]
+
+
+# ---------------------------------------------------------------------------------------------
 # Training stream
 
 
@@ -627,6 +706,7 @@ def _fact_doc(rng: random.Random, cfg: SyntheticConfig, by_name: dict[str, Entit
 
 RECALL_LINES_MIN, RECALL_LINES_MAX = 4, 8  # facts per recall document
 CHAIN_LINES_MIN, CHAIN_LINES_MAX = 4, 8  # problems per chain document
+HOPS_PROBLEMS_MIN, HOPS_PROBLEMS_MAX = 2, 4  # problems per hops document
 
 
 def _draw_train(rng: random.Random, cfg: SyntheticConfig, draw: Callable[[], tuple[str, str, str]]) -> str:
@@ -639,8 +719,8 @@ def _draw_train(rng: random.Random, cfg: SyntheticConfig, draw: Callable[[], tup
 def train_documents(cfg: SyntheticConfig, seed_offset: int = 0) -> Iterator[str]:
     """Unlimited training documents (no separators), deterministic for (cfg, seed_offset).
 
-    Never emits a held-out arithmetic/program/gsm/chain problem or an eval-only question phrasing.
-    With mix_recall = mix_chain = 0 the stream is the same as before those categories existed.
+    Never emits a held-out arithmetic/program/gsm/chain/hops problem or an eval-only question phrasing.
+    With mix_recall = mix_chain = mix_hops = 0 the stream is the same as before those categories existed.
     """
     cfg.validate()
     world = build_world(cfg)
@@ -674,6 +754,9 @@ def train_documents(cfg: SyntheticConfig, seed_offset: int = 0) -> Iterator[str]
     def chain():
         return _chain(rng, rng.randint(cfg.chain_steps_min, cfg.chain_steps_max))
 
+    def hops():
+        return _hops_train(rng, cfg)
+
     while True:
         u = rng.random()
         if u < cum[0]:
@@ -689,9 +772,12 @@ def train_documents(cfg: SyntheticConfig, seed_offset: int = 0) -> Iterator[str]
             yield _draw_train(rng, cfg, gsm)
         elif u < cum[4]:
             yield "\n".join(next_fact() for _ in range(rng.randint(RECALL_LINES_MIN, RECALL_LINES_MAX)))
-        else:
+        elif u < cum[5]:  # with mix_hops = 0, cum[5] == 1.0 and this is the old `else`
             n = rng.randint(CHAIN_LINES_MIN, CHAIN_LINES_MAX)
             yield "\n".join(_draw_train(rng, cfg, chain) for _ in range(n))
+        else:
+            n = rng.randint(HOPS_PROBLEMS_MIN, HOPS_PROBLEMS_MAX)
+            yield "\n".join(_draw_train(rng, cfg, hops) for _ in range(n))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -755,17 +841,18 @@ def _eval_recall(cfg: SyntheticConfig, rng: random.Random, n: int) -> list[dict]
             for k, v in (facts[i] for i in order[:n])]
 
 
-def _eval_chain(cfg: SyntheticConfig, n: int) -> list[dict]:
-    """Round robin over the step counts, one independent held-out stream per count (so the problems for a
-    given count do not depend on the configured range); a count whose held-out pool runs dry drops out."""
+def _round_robin(cfg: SyntheticConfig, category: str, dial: str, counts: range, n: int,
+                 draw: Callable[[random.Random, int], tuple[str, str, str]], hint: str) -> list[dict]:
+    """Round robin over the dial values, one independent held-out stream per value; a value whose held-out
+    pool runs dry drops out."""
     patience = int(200 / cfg.holdout_fraction) + 1000
 
-    def stream(steps: int) -> Iterator[tuple[str, str]]:
-        rng = random.Random(f"dualpath.synthetic/eval/{cfg.seed}/chain/{steps}")
+    def stream(k: int) -> Iterator[tuple[str, str]]:
+        rng = random.Random(f"dualpath.synthetic/eval/{cfg.seed}/{category}/{k}")
         seen: set[str] = set()
         stale = 0
         while stale < patience:
-            key, prompt, answer = _chain(rng, steps)
+            key, prompt, answer = draw(rng, k)
             if key in seen or not held_out(key, cfg.holdout_fraction):
                 stale += 1
                 continue
@@ -773,7 +860,7 @@ def _eval_chain(cfg: SyntheticConfig, n: int) -> list[dict]:
             stale = 0
             yield prompt, answer
 
-    active = list(range(cfg.chain_steps_min, cfg.chain_steps_max + 1))
+    active = list(counts)
     streams = {k: stream(k) for k in active}
     out: list[dict] = []
     j = 0
@@ -783,12 +870,25 @@ def _eval_chain(cfg: SyntheticConfig, n: int) -> list[dict]:
         if got is None:
             del active[j]
             continue
-        out.append(_example("chain", *got, steps=active[j]))
+        out.append(_example(category, *got, **{dial: active[j]}))
         j += 1
     if len(out) < n:
-        raise DataError(f"only {len(out)} distinct held-out chain problems found; raise chain_steps_max, "
+        raise DataError(f"only {len(out)} distinct held-out {category} problems found; {hint}, "
                         f"raise holdout_fraction or lower n_per_category")
     return out
+
+
+def _eval_chain(cfg: SyntheticConfig, n: int) -> list[dict]:
+    """Round robin over the step counts (so the problems for a given count do not depend on the configured
+    range); steps = 1 has only 210 problems and runs dry after about 10."""
+    return _round_robin(cfg, "chain", "steps", range(cfg.chain_steps_min, cfg.chain_steps_max + 1), n,
+                        _chain, "raise chain_steps_max")
+
+
+def _eval_hops(cfg: SyntheticConfig, n: int) -> list[dict]:
+    """Round robin over the hop counts of the query; the distractors' lengths follow the configured range."""
+    return _round_robin(cfg, "hops", "hops", range(cfg.hops_min, cfg.hops_max + 1), n,
+                        lambda rng, k: _hops_eval(rng, k, cfg), "raise hops_max or hops_chains")
 
 
 def eval_examples(cfg: SyntheticConfig, n_per_category: int,
@@ -799,7 +899,7 @@ def eval_examples(cfg: SyntheticConfig, n_per_category: int,
     `categories` defaults to cfg.trained_categories() (those whose mix weight is > 0). Each example is
     {"category", "text", "prompt", "answer", "answer_start", "answer_end"} with
     prompt == text[:answer_start] and answer == text[answer_start:answer_end]; recall and chain
-    examples also carry their dial (DIALS: "facts" or "steps"). A smaller n_per_category gives a prefix
+    examples also carry their dial (DIALS: "facts" or "steps"), hops examples theirs ("hops"). A smaller n_per_category gives a prefix
     of each category's examples.
     """
     cfg.validate()
@@ -832,6 +932,8 @@ def eval_examples(cfg: SyntheticConfig, n_per_category: int,
         out += _eval_recall(cfg, rng_for("recall"), n_per_category)
     if "chain" in wanted:
         out += _eval_chain(cfg, n_per_category)
+    if "hops" in wanted:
+        out += _eval_hops(cfg, n_per_category)
     return out
 
 
@@ -860,5 +962,5 @@ def parse_dial(category: str) -> tuple[str, str | None, int | None]:
 
 __all__ = ["CATEGORIES", "MIX_FIELDS", "DIALS", "RELATIONS", "JOBS", "STATEMENTS", "TRAIN_QUESTIONS",
            "EVAL_QUESTIONS", "CHAIN_MULTIPLIERS", "SyntheticConfig", "Entity", "World", "build_world",
-           "build_recall", "recall_line", "chain_value", "fact_answer", "held_out", "train_documents",
+           "build_recall", "recall_line", "chain_value", "hops_key", "hops_assignments", "fact_answer", "held_out", "train_documents",
            "eval_examples", "by_dial", "parse_dial"]
