@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from dualpath.checkpoint import save_checkpoint
@@ -65,3 +66,13 @@ def perturbed_model(cfg: ModelConfig, seed: int = 0) -> DualPathLM:
 def save_tiny_checkpoint(run_dir: Path, model: DualPathLM, tokenizer_json: Path | None) -> Path:
     files = {"tokenizer.json": tokenizer_json} if tokenizer_json else {}
     return save_checkpoint(run_dir, 1, model.state_dict(), RunConfig(model=model.cfg), files=files)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: tiny matmuls are faster that way, and in-process runs are deterministic.
+    A test module opts in by importing it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

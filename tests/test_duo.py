@@ -27,18 +27,10 @@ from dualpath.errors import CheckpointError, ConfigError, DualPathError
 from dualpath.routing.adapters import DualSearchModel, DuoSearchModel
 from dualpath.routing.search import PatternEvaluator, SearchSpace, beam_search, pattern_from_string, search
 
-from helpers import perturb_
+from helpers import perturb_, one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 VOCAB, T, L = 128, 16, 4
 TIGHT = dict(rtol=0.0, atol=2e-5)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def duo_cfg(**kw) -> ModelConfig:

@@ -34,20 +34,14 @@ from dualpath.data.loader import Batches
 from dualpath.data.prepare import prepare
 from dualpath.model import LMOutput, binary_entropy, deep_share
 
+from helpers import one_thread  # noqa: F401  (autouse: one intra-op thread)
+
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 SEQ, VOCAB, B, LAYERS, K = 32, 512, 4, 2, 2
 MODEL = dict(vocab_size=VOCAB, d_model=32, n_layers=LAYERS, n_heads=2, n_kv_heads=2, seq_len=SEQ, d_ffn_deep=64,
              d_ffn_wide=128, ffn_multiple=16, K=K, max_loops=4)
 DUAL_STATS = ("deep_mean", "deep_std", "wide_mean", "wide_std", "entropy_deep", "entropy_wide", "rho_deep",
               "expected_steps")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

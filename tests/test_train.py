@@ -32,11 +32,12 @@ from dualpath import checkpoint as ckpt_io
 from dualpath.cli import main as cli_main
 from dualpath.config import ModelConfig, OptimConfig
 from dualpath.data.prepare import prepare
-from dualpath.data.tokenizer import load_tokenizer
 from dualpath.data.shards import TokenShards, WindowSampler, write_shard
-from dualpath.data.tokenizer import token_byte_lengths
+from dualpath.data.tokenizer import load_tokenizer, token_byte_lengths
 from dualpath.model import DualPathLM
 from dualpath.train import build_optimizer, lr_at, param_groups
+
+from helpers import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
@@ -52,15 +53,6 @@ MODEL = dict(arch="dual", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, n
 
 # ----------------------------------------------------------------------------------------------
 # Fixtures and helpers
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny matmuls are faster that way, and in-process runs are deterministic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
