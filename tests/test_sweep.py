@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from dualpath.cli import main
+from dualpath.errors import ConfigError
 from dualpath.experiments.sweep import load_sweep, plan, run_order
 from dualpath.experiments.sweep_report import _paired, _paper_columns
 
@@ -78,22 +79,46 @@ def test_results_md_columns_are_the_papers_layout():
         "fact BPB (acc)": ("fact/bpb", "fact/acc"), "arith BPB (acc)": ("arith/bpb", "arith/acc")}
 
 
-def test_run_order_is_seed_by_seed_with_over_budget_arms_last():
+def test_run_order_is_budget_then_seed_with_mismatched_arms_last():
+    from dualpath.experiments.sweep import MISMATCH_TOLERANCE, mismatches
+
     sweep = load_sweep(ROOT / "configs/sweeps/cpu_paper_table.yaml")
+    assert sweep.protocol == "tokens" and sweep.build_multiple == 16
     runs = plan(sweep)
+    assert {r.tokens for r in runs} == {2_000_000}  # the paper's protocol: the same tokens for every arm and budget
     order = run_order(runs, sweep.seeds)
     assert sorted(r.folder for r in order) == sorted(r.folder for r in runs)
-    wide = {r.budget: r.flops_per_token for r in runs if r.arch == "wide"}
-    over = [r.flops_per_token > wide[r.budget] for r in order]
-    # the arms the solver floor leaves above PureWide's cost per token (documented in docs/REPRODUCTION.md)
-    assert sorted({r.folder.split("/seed")[0] for r, o in zip(order, over) if o}) == [
-        "F3e+06/dual_K2_a0.25", "F3e+06/dual_K3_a0.25", "F3e+06/dual_K4_a0.25", "F3e+06/dual_K4_a0.5",
-        "F6e+06/dual_K4_a0.25"]
-    assert over == sorted(over)  # every in-budget run first
-    for part in (order[:over.index(True)], order[over.index(True):]):
-        seeds = [r.seed for r in part]
-        assert seeds == sorted(seeds)  # then seed by seed
-        assert len(part) == 3 * len({r.folder.split("/seed")[0] for r in part})
+    budgets = [r.budget for r in order]
+    assert budgets == sorted(budgets)  # the first budget complete before the second starts
+    for budget in set(budgets):
+        part = [r for r in order if r.budget == budget]
+        over = [r.flops_ratio > 1 + MISMATCH_TOLERANCE for r in part]
+        assert over == sorted(over)  # every matched run of the budget first
+        cut = over.index(True) if True in over else len(part)
+        for group in (part[:cut], part[cut:]):
+            seeds = [r.seed for r in group]
+            assert seeds == sorted(seeds)  # then seed by seed
+    # the arms the solver floor leaves off PureWide's true FLOPs per token, each listed with its ratio
+    listed = mismatches(runs)
+    off = {(r.budget, r.arm) for r in runs if abs(r.flops_ratio - 1) > MISMATCH_TOLERANCE}
+    assert len(listed) == len(off) and all(f"{arm} at {b:.3g}:" in " ".join(listed) for b, arm in off)
+    assert {(b, arm) for b, arm in off if b == 3e6} >= {(3e6, "Dual K=4 α=0.25"), (3e6, "Dual K=3 α=0.25")}
+    for r in runs:  # within tolerance, or listed
+        assert abs(r.flops_ratio - 1) <= MISMATCH_TOLERANCE or (r.budget, r.arm) in off
+
+
+def test_gate_mode_arms_get_their_own_folders_and_modes():
+    sweep = load_sweep(ROOT / "configs/sweeps/gate_modes.yaml")
+    runs = plan(sweep)
+    modes = {r.config.model.gate_mode for r in runs}
+    assert modes == {"two_gates", "convex", "softmax", "fixed"}
+    assert len({r.folder for r in runs}) == len(runs) == 4 * len(sweep.seeds)
+    assert all(r.folder.split("/")[1].endswith("_" + r.gate_mode) for r in runs)
+    assert {r.tokens for r in runs} == {sweep.tokens[0]}
+    with pytest.raises(ConfigError, match="gate_mode applies to dual arms only"):
+        load_sweep(ROOT / "configs/sweeps/gate_modes.yaml", ["arms=[{arch: loop, K: [2], gate_mode: [convex]}]"])
+    with pytest.raises(ConfigError, match="gate_mode must be one of"):
+        load_sweep(ROOT / "configs/sweeps/gate_modes.yaml", ["arms=[{arch: dual, gate_mode: [both]}]"])
 
 
 @pytest.mark.slow
@@ -220,7 +245,7 @@ def test_the_kept_results_are_what_their_run_folders_say():
     out = ROOT / "results/cpu_paper_table"
     if not (out / "results.csv").is_file():
         pytest.skip("no kept results")
-    sweep = load_sweep(ROOT / "configs/sweeps/cpu_paper_table.yaml", [f"out_dir={out}"])
+    sweep = load_sweep(ROOT / "configs/sweeps/cpu_paper_table_equal_flops.yaml", [f"out_dir={out}"])
     runs = plan(sweep)
     check_run_folders(runs)
     rows = {(r["arm"], r["budget"], r["seed"]): r for r in _collect(runs)}

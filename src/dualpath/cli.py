@@ -201,7 +201,7 @@ def cmd_sweep(args) -> int:
         check_run_folders(runs)
         aggregate(sweep, runs)
     else:
-        run_sweep(sweep, jobs=args.jobs)
+        run_sweep(sweep, jobs=args.jobs, threads=args.threads)
     results = Path(sweep.out_dir) / "results.md"
     if results.is_file():
         print(results.read_text())
@@ -443,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("overrides", nargs="*", help="key=value overrides of the sweep file, e.g. seeds=[0]")
     s.add_argument("--jobs", type=int, default=1)
+    s.add_argument("--threads", type=int, default=0, help="CPU threads per run (default 0: the cores over --jobs)")
     s.add_argument("--dry-run", action="store_true", help="print the grid, params, FLOPs and estimated time")
     s.add_argument("--aggregate-only", action="store_true", help="only rebuild results.csv/.md and plots")
     s.add_argument("--emit-configs", metavar="DIR", help="write one training config per grid point")

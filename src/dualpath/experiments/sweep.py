@@ -37,10 +37,18 @@ class ArmSpec:
     arch: str = "dual"  # wide | loop | dual
     K: list[int] = field(default_factory=lambda: [1])
     alpha: list[float] = field(default_factory=lambda: [0.5])
+    gate_mode: list[str] = field(default_factory=list)  # dual only: e.g. [two_gates, convex, softmax, fixed]
 
     def validate(self) -> "ArmSpec":
+        from ..model import GATE_MODES
+
         if self.arch not in ("wide", "loop", "dual"):
             raise ConfigError(f"sweep arm arch must be wide, loop or dual, got '{self.arch}'")
+        if self.gate_mode and self.arch != "dual":
+            raise ConfigError(f"sweep arm gate_mode applies to dual arms only, not '{self.arch}'")
+        for mode in self.gate_mode:
+            if mode not in GATE_MODES:
+                raise ConfigError(f"sweep arm gate_mode must be one of {', '.join(GATE_MODES)}, got '{mode}'")
         if any(k < 1 for k in self.K):
             raise ConfigError(f"sweep arm K values must be >= 1, got {self.K}")
         if any(not 0 < a < 1 for a in self.alpha):
@@ -132,6 +140,7 @@ class Run:
     wide_flops_per_token: float = 0.0  # its budget's PureWide, true forward
     dial_value: float | None = None  # the synthetic dial's value, when the sweep has one
     data_dir: str = ""  # the synthetic corpus of that value
+    gate_mode: str | None = None  # set when the arm lists gate modes (the gate-mode ablation)
 
     @property
     def flops_ratio(self) -> float:
@@ -144,11 +153,12 @@ class Run:
             return "PureWide"
         if self.arch == "loop":
             return f"PureLoop K={self.K}"
-        return f"Dual K={self.K} α={self.alpha}"
+        return f"Dual K={self.K} α={self.alpha}" + (f" {self.gate_mode}" if self.gate_mode else "")
 
     @property
     def folder(self) -> str:
         tag = {"wide": "wide", "loop": f"loop_K{self.K}", "dual": f"dual_K{self.K}_a{self.alpha}"}[self.arch]
+        tag += f"_{self.gate_mode}" if self.gate_mode else ""
         dial = f"{Path(self.data_dir).name}/" if self.dial_value is not None else ""
         return f"{dial}F{self.budget:.3g}/{tag}/seed{self.seed}"
 
@@ -184,9 +194,12 @@ def plan(sweep: SweepConfig) -> list[Run]:
             for arm in sweep.arms:
                 ks = [1] if arm.arch == "wide" else arm.K
                 alphas = [None] if arm.arch != "dual" else arm.alpha
-                for K, alpha, seed in itertools.product(ks, alphas, sweep.seeds):
+                modes = arm.gate_mode or [None]
+                for K, alpha, mode, seed in itertools.product(ks, alphas, modes, sweep.seeds):
                     r = solve(backbone, budget, arm.arch, K=K, alpha=alpha or 0.5, **kw)
-                    fpt = r["flops_true_per_token"]
+                    if mode is not None:  # the gate's own FLOPs differ by a few per token between modes
+                        r["config"] = dataclasses.replace(r["config"], gate_mode=mode).validate()
+                    fpt = r["config"].meta_model().flops_per_token(T, "true")
                     horizon = (dict(tokens=tokens, target_flops=0.0) if sweep.protocol == "tokens"
                                else dict(tokens=0, target_flops=tokens * 3 * wide_fpt))
                     cfg = RunConfig(model=r["config"], data=dataclasses.replace(data),
@@ -196,7 +209,7 @@ def plan(sweep: SweepConfig) -> list[Run]:
                     run_tokens = tokens if sweep.protocol == "tokens" else tokens * wide_fpt / fpt
                     runs.append(Run(budget, arm.arch, K, alpha, seed, cfg, r["params"], fpt,
                                     3 * fpt * run_tokens, int(run_tokens), wide_fpt, value,
-                                    data.path if value is not None else ""))
+                                    data.path if value is not None else "", mode))
     for r in runs:
         r.config.train.out_dir = str(Path(sweep.out_dir) / r.folder)
     return runs
@@ -243,6 +256,9 @@ def dry_run(sweep: SweepConfig, runs: list[Run]) -> str:
                      f"{r.flops_per_token / 1e6:.2f}M | {r.flops_ratio - 1:+.1%} | {r.tokens:,} | "
                      f"{r.target_flops:.3g} | {minutes:.1f} | {state} |")
     lines.append("")
+    off = mismatches(runs)
+    lines.append(f"arms outside ±{MISMATCH_TOLERANCE:.1%} of PureWide's true FLOPs per token: "
+                 + ("; ".join(off) if off else "none"))
     # --jobs share this machine's cores, so they do not shorten a compute-bound sweep
     lines.append(f"{len(runs)} runs, {done} done; estimated wall time {total / 60:.1f} h in all, {left / 60:.1f} h "
                  f"left, assuming MFU {sweep.assumed_mfu} of a measured {peak / 1e9:.0f} GFLOP/s GEMM peak on "
@@ -323,19 +339,37 @@ def train_and_eval(cfg_path: str, evals: list[str], eval_limit: int) -> None:
 
 
 def run_order(runs: list[Run], seeds: list[int]) -> list[Run]:
-    """Seed by seed, and last the arms the solver could not bring within their budget's PureWide FLOPs per
-    token: a sweep cut off part-way still has every iso-FLOP arm of its first seeds."""
-    wide = {r.budget: r.flops_per_token for r in runs if r.arch == "wide"}
-    return sorted(runs, key=lambda r: (r.flops_per_token > wide.get(r.budget, math.inf), seeds.index(r.seed)))
+    """Budget by budget (in the order given), seed by seed within a budget, and in each budget last the arms the
+    solver could not bring within MISMATCH_TOLERANCE of its PureWide's FLOPs per token: a sweep cut off part-way
+    has its first budget complete for its first seeds."""
+    budgets = list(dict.fromkeys(r.budget for r in runs))
+    return sorted(runs, key=lambda r: (budgets.index(r.budget), r.flops_ratio > 1 + MISMATCH_TOLERANCE,
+                                       seeds.index(r.seed)))
 
 
-def run_sweep(sweep: SweepConfig, jobs: int = 1, log=print) -> list[dict]:
+MISMATCH_TOLERANCE = 0.025  # an arm farther than this from its PureWide's true FLOPs per token is listed
+
+
+def mismatches(runs: list[Run]) -> list[str]:
+    """One line per (budget, arm) whose true FLOPs per token lie outside ±MISMATCH_TOLERANCE of PureWide's."""
+    out = {}
+    for r in runs:
+        off = r.flops_ratio - 1
+        if abs(off) > MISMATCH_TOLERANCE:
+            side = "over" if off > 0 else "under"
+            out[(r.dial_value, r.budget, r.arm)] = f"{r.arm} at {r.budget:.3g}: {side} by {off:+.1%} (ratio {r.flops_ratio:.3f})"
+    return list(out.values())
+
+
+def run_sweep(sweep: SweepConfig, jobs: int = 1, log=print, threads: int = 0) -> list[dict]:
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    if threads < 0:
+        raise ConfigError(f"--threads must be 0 (the cores over --jobs) or more, got {threads}")
     runs = plan(sweep)
     check_run_folders(runs)
     prepare_dial_data(sweep, log)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     pending = run_order(runs, sweep.seeds)
     active: list[tuple[Run, subprocess.Popen]] = []
     failed = []
