@@ -602,6 +602,12 @@ def chain_value(start: int, ops: list[tuple[str, int]]) -> int:
     return x
 
 
+def chain_held_out(key: str, fraction: float) -> bool:
+    """One-step chains are the primitives (210 digit/operation pairs): always trained, never held out, so a
+    held-out chain is an unseen composition of seen steps, not an unseen fact."""
+    return key.count("+") + key.count("-") + key.count("*") > 1 and held_out(key, fraction)
+
+
 def _chain(rng: random.Random, steps: int) -> tuple[str, str, str]:
     """(key, prompt, answer); the key is the whole problem, e.g. "chain/7+3*3-5"."""
     start = rng.randrange(10)
@@ -709,10 +715,11 @@ CHAIN_LINES_MIN, CHAIN_LINES_MAX = 4, 8  # problems per chain document
 HOPS_PROBLEMS_MIN, HOPS_PROBLEMS_MAX = 2, 4  # problems per hops document
 
 
-def _draw_train(rng: random.Random, cfg: SyntheticConfig, draw: Callable[[], tuple[str, str, str]]) -> str:
+def _draw_train(rng: random.Random, cfg: SyntheticConfig, draw: Callable[[], tuple[str, str, str]],
+                is_held_out: Callable[[str, float], bool] = held_out) -> str:
     while True:
         key, prompt, answer = draw()
-        if not held_out(key, cfg.holdout_fraction):
+        if not is_held_out(key, cfg.holdout_fraction):
             return prompt + answer
 
 
@@ -774,7 +781,7 @@ def train_documents(cfg: SyntheticConfig, seed_offset: int = 0) -> Iterator[str]
             yield "\n".join(next_fact() for _ in range(rng.randint(RECALL_LINES_MIN, RECALL_LINES_MAX)))
         elif u < cum[5]:  # with mix_hops = 0, cum[5] == 1.0 and this is the old `else`
             n = rng.randint(CHAIN_LINES_MIN, CHAIN_LINES_MAX)
-            yield "\n".join(_draw_train(rng, cfg, chain) for _ in range(n))
+            yield "\n".join(_draw_train(rng, cfg, chain, chain_held_out) for _ in range(n))
         else:
             n = rng.randint(HOPS_PROBLEMS_MIN, HOPS_PROBLEMS_MAX)
             yield "\n".join(_draw_train(rng, cfg, hops) for _ in range(n))
@@ -842,7 +849,8 @@ def _eval_recall(cfg: SyntheticConfig, rng: random.Random, n: int) -> list[dict]
 
 
 def _round_robin(cfg: SyntheticConfig, category: str, dial: str, counts: range, n: int,
-                 draw: Callable[[random.Random, int], tuple[str, str, str]], hint: str) -> list[dict]:
+                 draw: Callable[[random.Random, int], tuple[str, str, str]], hint: str,
+                 is_held_out: Callable[[str, float], bool] = held_out) -> list[dict]:
     """Round robin over the dial values, one independent held-out stream per value; a value whose held-out
     pool runs dry drops out."""
     patience = int(200 / cfg.holdout_fraction) + 1000
@@ -853,7 +861,7 @@ def _round_robin(cfg: SyntheticConfig, category: str, dial: str, counts: range, 
         stale = 0
         while stale < patience:
             key, prompt, answer = draw(rng, k)
-            if key in seen or not held_out(key, cfg.holdout_fraction):
+            if key in seen or not is_held_out(key, cfg.holdout_fraction):
                 stale += 1
                 continue
             seen.add(key)
@@ -879,10 +887,13 @@ def _round_robin(cfg: SyntheticConfig, category: str, dial: str, counts: range, 
 
 
 def _eval_chain(cfg: SyntheticConfig, n: int) -> list[dict]:
-    """Round robin over the step counts (so the problems for a given count do not depend on the configured
-    range); steps = 1 has only 210 problems and runs dry after about 10."""
-    return _round_robin(cfg, "chain", "steps", range(cfg.chain_steps_min, cfg.chain_steps_max + 1), n,
-                        _chain, "raise chain_steps_max")
+    """Round robin over the step counts from 2 (so the problems for a given count do not depend on the
+    configured range); one-step chains are all trained (chain_held_out), so none is held out."""
+    if cfg.chain_steps_max < 2:
+        raise DataError("chain eval needs compositions: raise chain_steps_max to 2 or more (one-step chains are "
+                        "all in training)")
+    return _round_robin(cfg, "chain", "steps", range(max(2, cfg.chain_steps_min), cfg.chain_steps_max + 1), n,
+                        _chain, "raise chain_steps_max", chain_held_out)
 
 
 def _eval_hops(cfg: SyntheticConfig, n: int) -> list[dict]:
@@ -962,5 +973,5 @@ def parse_dial(category: str) -> tuple[str, str | None, int | None]:
 
 __all__ = ["CATEGORIES", "MIX_FIELDS", "DIALS", "RELATIONS", "JOBS", "STATEMENTS", "TRAIN_QUESTIONS",
            "EVAL_QUESTIONS", "CHAIN_MULTIPLIERS", "SyntheticConfig", "Entity", "World", "build_world",
-           "build_recall", "recall_line", "chain_value", "hops_key", "hops_assignments", "fact_answer", "held_out", "train_documents",
+           "build_recall", "recall_line", "chain_value", "chain_held_out", "hops_key", "hops_assignments", "fact_answer", "held_out", "train_documents",
            "eval_examples", "by_dial", "parse_dial"]
