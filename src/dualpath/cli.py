@@ -260,13 +260,16 @@ def cmd_duo_train_router(args) -> int:
 
     common = _duo_common(args)
     common["eval_sequences"] = common.pop("max_sequences")
-    res = run_train_router(args.checkpoint, args.data, args.budget, args.out, steps=args.steps, lr=args.lr,
-                           budget_weight=args.budget_weight, tau_end=args.tau_end, seed=args.seed, **common)
+    res = run_train_router(args.checkpoint, args.data, args.budget, args.out, kind=args.kind, choices=args.choices,
+                           router_input=args.input, hidden=args.hidden, steps=args.steps, lr=args.lr,
+                           budget_weight=args.budget_weight, tau_end=args.tau_end,
+                           label_sequences=args.label_sequences, max_patterns=args.max_patterns, beam=args.beam,
+                           seed=args.seed, **common)
     if args.json:
         _print_json(res)
     else:
-        print(f"big fraction {res['achieved_big_fraction']:.3f} (target {res['target']:.3f}), loss {res['loss']:.4f}"
-              f" -> {res['checkpoint']}")
+        print(f"router {res['router']}: big fraction {res['achieved_big_fraction']:.3f} (target {res['target']:.3f}), "
+              f"skip {res['skip_fraction']:.3f}, loss {res['loss']:.4f} -> {res['checkpoint']}")
     return 0
 
 
@@ -276,7 +279,8 @@ def cmd_duo_report(args) -> int:
     run_report(args.checkpoint, args.data, args.budgets, args.out, random_trials=args.random_trials,
                routers=args.router or [], router_steps=args.router_steps, with_skip=args.with_skip,
                max_patterns=args.max_patterns, beam=args.beam, help_threshold=args.help_threshold, seed=args.seed,
-               **_duo_common(args))
+               select_sequences=args.select_sequences, variable_budget=not args.no_variable_budget,
+               n_boot=args.bootstrap, **_duo_common(args))
     print(Path(args.out, "summary.md").read_text())
     return 0
 
@@ -425,6 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = duo_parser("train-router", "train per-layer routers on a frozen model to a big-layer budget",
                    cmd_duo_train_router, budgets=False)
     s.add_argument("--budget", type=float, required=True, help="target fraction of big layers, 0..1")
+    s.add_argument("--kind", choices=["budget", "oracle"], default="budget",
+                   help="budget: LM loss + budget penalty; oracle: supervised on the per-token oracle's choices")
+    s.add_argument("--input", choices=["pre", "post"], default="pre", help="router reads the layer input (pre) "
+                   "or the state after attention (post)")
+    s.add_argument("--choices", choices=["bs", "bsx"], default="bs", help="big|small, or big|small|skip")
+    s.add_argument("--hidden", type=int, default=0, help="0: a linear router; N: an MLP with N hidden units")
+    s.add_argument("--label-sequences", type=int, default=64, help="--kind oracle: training windows labelled")
+    s.add_argument("--max-patterns", type=int, default=4096, help="--kind oracle: the label search")
+    s.add_argument("--beam", type=int, default=16)
     s.add_argument("--steps", type=int, default=500)
     s.add_argument("--lr", type=float, default=3e-3)
     s.add_argument("--budget-weight", type=float, default=100.0)
@@ -437,6 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-patterns", type=int, default=4096)
     s.add_argument("--beam", type=int, default=16)
     s.add_argument("--help-threshold", type=float, default=0.05)
+    s.add_argument("--select-sequences", type=int, default=64,
+                   help="training windows on which fixed patterns are chosen (0: on the scored windows)")
+    s.add_argument("--no-variable-budget", action="store_true",
+                   help="skip the variable-budget oracle (it searches every budget 0..L)")
+    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamplings for the 95%% intervals")
     s.add_argument("--seed", type=int, default=0)
 
     s = sub.add_parser("sweep", help="iso-FLOP grid: budgets x architectures x K x alpha x seeds")

@@ -81,6 +81,9 @@ class ModelConfig:
     duo_pattern: str = ""  # pattern policy: one letter per layer, B(ig) S(mall) X (skip)
     router_temperature: float = 1.0  # router policy: P_big = σ(logit / τ); hard decisions when router_hard
     router_hard: bool = True
+    router_choices: str = "bs"  # what a router may choose: bs (big | small) or bsx (big | small | skip)
+    router_input: str = "pre"  # pre: attn_norm(layer input); post: ffn_norm(after attention), what the FFN sees
+    router_hidden: int = 0  # 0: a linear router; > 0: an MLP d_model -> router_hidden -> choices (GELU)
 
     def validate(self) -> "ModelConfig":
         _one_of("model.arch", self.arch, ARCHS)
@@ -122,6 +125,14 @@ class ModelConfig:
                 parse_pattern(self.duo_pattern, self.n_layers)
             if self.router_temperature <= 0:
                 raise ConfigError(f"model.router_temperature must be > 0, got {self.router_temperature}")
+            _one_of("model.router_choices", self.router_choices, tuple(ROUTER_CHOICES))
+            _one_of("model.router_input", self.router_input, ("pre", "post"))
+            if self.router_hidden < 0:
+                raise ConfigError(f"model.router_hidden must be >= 0, got {self.router_hidden}")
+            if (self.duo_policy == "router" and self.router_input == "post" and self.skip_whole_layer
+                    and self.router_choices == "bsx"):
+                raise ConfigError("model.router_input=post decides after attention, so its skip cannot bypass "
+                                  "attention (model.skip_whole_layer): use router_input=pre")
         return self
 
     def small_width(self) -> int:
@@ -709,6 +720,8 @@ def binary_entropy(p) -> torch.Tensor:
 BIG, SMALL, SKIP = 0, 1, 2
 LETTERS = {"B": BIG, "S": SMALL, "X": SKIP}
 NAMES = ("big", "small", "skip")
+# a router's outputs, in code order (output j chooses code j)
+ROUTER_CHOICES = {"bs": (BIG, SMALL), "bsx": (BIG, SMALL, SKIP)}
 
 
 def parse_letters(pattern: str, n_layers: int, letters: dict[str, str]) -> list[str]:
@@ -739,15 +752,32 @@ def pattern_string(choices) -> str:
     return "".join(inv[int(c)] for c in choices)
 
 
+class RouterMLP(nn.Module):
+    """A small MLP router: Linear(d_model -> hidden), GELU, Linear(hidden -> outputs)."""
+
+    param_roles = {"inp.weight": "router", "inp.bias": "router_bias", "out.weight": "router", "out.bias": "router_bias"}
+
+    def __init__(self, d_model: int, hidden: int, n_out: int):
+        super().__init__()
+        self.inp = nn.Linear(d_model, hidden)
+        self.out = nn.Linear(hidden, n_out)
+
+    def forward(self, u):
+        return self.out(F.gelu(self.inp(u)))
+
+
 class DuoLayer(nn.Module):
     """Duo-LLM (Alizadeh et al., arXiv 2410.10846): attention, then per token a big FFN (d_ffn_big), a small
     FFN (d_ffn_small, default big/16) or skip (identity; with skip_whole_layer attention is bypassed too).
 
     The choice comes from the `choice` argument (a name or a (B, T) code tensor: oracles, search) or else
     from the configured policy: random (per token or sequence, p_big/p_small/p_skip: training), pattern
-    (one letter per layer, B/S/X) or router (a learned linear map: P_big = σ(logit / τ); trained soft, a
-    P_big-weighted mixture of both FFNs, evaluated hard). Each FFN runs only on its own tokens (gather,
-    then scatter back), so a small or skipped token really costs less; `realised_flops` counts a batch.
+    (one letter per layer, B/S/X) or router: a linear map or a small MLP (router_hidden) of the normalised
+    layer input (router_input=pre) or of what the FFN sees after attention (post), choosing big | small
+    (router_choices=bs: P_big = σ(logit / τ)) or big | small | skip (bsx: softmax(logits / τ)); trained soft,
+    a probability-weighted mixture of the choices, evaluated hard (the most probable choice). Each FFN runs
+    only on its own tokens (gather, then scatter back), so a small or skipped token really costs less;
+    `realised_flops` counts a batch.
     """
 
     choices = NAMES
@@ -762,23 +792,38 @@ class DuoLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn_big = SwiGLU(cfg.d_model, cfg.d_ffn_big, cfg.ffn_multiple)
         self.ffn_small = SwiGLU(cfg.d_model, cfg.small_width(), cfg.ffn_multiple)
-        self.router = nn.Linear(cfg.d_model, 1, bias=True)
+        n_out = 1 if cfg.router_choices == "bs" else len(ROUTER_CHOICES[cfg.router_choices])
+        # a linear router keeps the name router.weight / router.bias of older checkpoints
+        self.router = (nn.Linear(cfg.d_model, n_out, bias=True) if not cfg.router_hidden
+                       else RouterMLP(cfg.d_model, cfg.router_hidden, n_out))
         self.router_temperature = cfg.router_temperature  # annealed by the router trainer
         self.router_hard = cfg.router_hard
         self._pattern = parse_pattern(cfg.duo_pattern, cfg.n_layers) if cfg.duo_policy == "pattern" else None
 
     @torch.no_grad()
     def reset_routing_parameters(self):
-        nn.init.zeros_(self.router.weight)
-        nn.init.zeros_(self.router.bias)
+        # the output layer starts at zero, so every choice starts equally likely
+        out = self.router if isinstance(self.router, nn.Linear) else self.router.out
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
 
     # -- routing -------------------------------------------------------------------------------
 
-    def p_big(self, x):
-        return torch.sigmoid(self.router(x).squeeze(-1) / self.router_temperature)
+    def router_logits(self, x, h) -> torch.Tensor:
+        """(B, T, outputs) logits of the router from the layer input x or the post-attention h."""
+        u = self.attn_norm(x) if self.cfg.router_input == "pre" else self.ffn_norm(h)
+        return self.router(u)
 
-    def choose(self, x, choice=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(choice (B, T) long, or None for a soft mixture; P_big (B, T) for the router policy)."""
+    def router_probs(self, logits) -> torch.Tensor:
+        """(B, T, C) probabilities over ROUTER_CHOICES[router_choices] at the current temperature."""
+        if logits.shape[-1] == 1:
+            p = torch.sigmoid(logits / self.router_temperature)
+            return torch.cat([p, 1 - p], -1)
+        return torch.softmax(logits / self.router_temperature, -1)
+
+    def choose(self, x, choice=None, h=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(choice (B, T) long, or None for a soft mixture; router probabilities (B, T, C) for the router
+        policy). h: the post-attention state, for a router_input=post router."""
         B, T, _ = x.shape
         if isinstance(choice, str):
             return torch.full((B, T), _duo_code(choice), dtype=torch.long, device=x.device), None
@@ -788,10 +833,13 @@ class DuoLayer(nn.Module):
         if cfg.duo_policy == "pattern":
             return torch.full((B, T), self._pattern[self.index], dtype=torch.long, device=x.device), None
         if cfg.duo_policy == "router":
-            p = self.p_big(x)
-            if self.router_hard:
-                return torch.where(p > 0.5, BIG, SMALL), p
-            return None, p
+            logits = self.router_logits(x, h)
+            p = self.router_probs(logits)
+            if not self.router_hard:
+                return None, p
+            if logits.shape[-1] == 1:  # P_big > 0.5, ties small
+                return torch.where(logits.squeeze(-1) > 0, BIG, SMALL), p
+            return logits.argmax(-1), p  # output j is code j
         shape = (B, T) if cfg.duo_granularity == "token" else (B, 1)
         u = torch.rand(shape, device=x.device)
         choice = torch.where(u < cfg.p_big, BIG, torch.where(u < cfg.p_big + cfg.p_small, SMALL, SKIP))
@@ -801,13 +849,19 @@ class DuoLayer(nn.Module):
         return x + self.attn(self.attn_norm(x), rope, cache, (self.index, "duo", 0))
 
     def forward(self, x, rope, ov, cache=None, diag=None, choice=None):
-        choice, p = self.choose(x, choice)
         h = self.attend(x, rope, cache)
+        given = choice is not None
+        choice, p = self.choose(x, choice, h)
+        if given and diag is not None and self.cfg.duo_policy == "router":
+            # the router's view of given choices (its supervision on oracle choices)
+            diag["router_logits"] = self.router_logits(x, h)
         if choice is not None and self.cfg.skip_whole_layer:
             h = torch.where((choice == SKIP).unsqueeze(-1), x, h)
         z = self.ffn_norm(h)
-        if choice is None:  # soft router: both FFNs on every token, mixed by P_big
-            y = h + p.unsqueeze(-1) * self.ffn_big(z) + (1 - p).unsqueeze(-1) * self.ffn_small(z)
+        if choice is None:  # soft router: every choice on every token, mixed by its probability
+            y = h + p[..., 0:1] * self.ffn_big(z) + p[..., 1:2] * self.ffn_small(z)
+            if p.shape[-1] == 3 and self.cfg.skip_whole_layer:  # a skip also drops the attention output
+                y = y + p[..., 2:3] * (x - h)
         else:
             y = h.reshape(-1, h.shape[-1]).clone()
             flat_z, flat_c = z.reshape(-1, z.shape[-1]), choice.reshape(-1)
@@ -820,7 +874,8 @@ class DuoLayer(nn.Module):
             if choice is not None:
                 diag["duo_choice"] = choice
             if p is not None:
-                diag["p_big"] = p
+                diag["p_big"] = p[..., 0]
+                diag["router_probs"] = p
         return y
 
     def step_many(self, x, rope, choices) -> list[torch.Tensor]:
@@ -835,10 +890,11 @@ class DuoLayer(nn.Module):
 
     def module_flops(self, seq_len: int, convention: str = "true") -> dict[str, float]:
         """FLOPs per token of each part, from the modules' own accounting."""
+        router = sum(2.0 * m.in_features * m.out_features for m in self.router.modules() if isinstance(m, nn.Linear))
         return {"attn": self.attn.flops_per_token(seq_len, convention),
                 "big": self.ffn_big.flops_per_token(seq_len, convention),
                 "small": self.ffn_small.flops_per_token(seq_len, convention),
-                "router": 0.0 if convention == "paper" else 2.0 * self.cfg.d_model}
+                "router": 0.0 if convention == "paper" else router}
 
     def flops_per_token(self, seq_len: int, convention: str = "true", K=None, overrides=None) -> float:
         """Expected FLOPs per token under the configured policy (realised_flops counts a real batch)."""

@@ -10,6 +10,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..model import BIG, NAMES, SKIP, realised_flops
@@ -169,6 +170,87 @@ def oracle(model, batches, budgets, with_skip: bool = False, max_patterns: int =
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# A sequence-level budget shared by its tokens
+
+VARIABLE_NOTE = ("The variable-budget oracle gives each sequence k big-layer uses per token on average, shared by "
+                 "its tokens: a token may take any number of big layers (its best pattern with that many, chosen "
+                 "with its label), so it is optimistic like the per-token oracle, and at least as good.")
+
+
+def losses_by_count(entries: dict, n_layers: int) -> torch.Tensor:
+    """(L + 1, N, T) per-token best loss with exactly j big layers, from oracle entries at every budget j."""
+    missing = [j for j in range(n_layers + 1) if j not in entries]
+    if missing:
+        raise ConfigError(f"the variable-budget oracle needs the oracle at every budget 0..{n_layers} "
+                          f"(missing {missing})")
+    return torch.stack([entries[j]["_result"]["tok_best"].double() for j in range(n_layers + 1)])
+
+
+def allocate_sequence(g: torch.Tensor, budget: int) -> torch.Tensor:
+    """Big-layer counts (T,) for the tokens of one sequence minimising their summed loss with at most `budget`
+    big-layer uses in all; g (L + 1, T) is each token's best loss per count (inf where none was evaluated).
+    Exact: dynamic programming over tokens and budget spent (a multiple-choice knapsack)."""
+    G = g.double().numpy()
+    J, T = G.shape
+    if budget < 0:
+        raise ConfigError(f"a budget of {budget} big-layer uses is negative")
+    cost = np.zeros(budget + 1)  # best summed loss of the tokens so far with at most b uses
+    arg = np.zeros((T, budget + 1), dtype=np.int64)
+    for t in range(T):
+        cand = np.full((J, budget + 1), np.inf)
+        for j in range(min(J, budget + 1)):
+            cand[j, j:] = cost[:budget + 1 - j] + G[j, t]
+        arg[t] = cand.argmin(0)
+        cost = cand[arg[t], np.arange(budget + 1)]
+    if not np.isfinite(cost[budget]):
+        raise ConfigError(f"no allocation of {budget} big-layer uses covers every token")
+    counts, b = np.zeros(T, dtype=np.int64), budget
+    for t in range(T - 1, -1, -1):
+        counts[t] = arg[t, b]
+        b -= counts[t]
+    return torch.from_numpy(counts)
+
+
+def variable_budget_oracle(by_count: torch.Tensor, valid: torch.Tensor, k: int, uniform: bool = False) -> dict:
+    """Per-token oracle under a sequence-level budget: each sequence may spend k · (its target tokens)
+    big-layer uses, shared by its tokens. by_count: (L + 1, N, T) best loss per token with exactly j big layers
+    (`losses_by_count`). uniform=True forces every token to k (the fixed-budget per-token oracle); the
+    allocation is exact, so it is never worse than that."""
+    J, N, T = by_count.shape
+    if not 0 <= k < J:
+        raise ConfigError(f"budget {k} is outside 0..{J - 1}")
+    counts = torch.zeros(N, T, dtype=torch.long)
+    tok = torch.zeros(N, T, dtype=torch.float64)
+    used = []
+    for n in range(N):
+        v = valid[n]
+        g = by_count[:, n][:, v]
+        budget = k * int(v.sum())
+        uni = torch.full((g.shape[1],), k, dtype=torch.long)
+        c = uni if uniform else allocate_sequence(g, budget)
+        counts[n, v] = c
+        tok[n, v] = g.gather(0, c.view(1, -1)).squeeze(0)
+        used.append((int(c.sum()), budget))
+    n_tok = int(valid.sum())
+    loss = float(tok[valid].sum() / max(n_tok, 1))
+    return {"loss": loss, "counts": counts, "tok_loss": tok, "uses": used,
+            "max_over_budget": max((u - b for u, b in used), default=0)}
+
+
+def variable_choice(entries: dict, counts: torch.Tensor) -> torch.Tensor:
+    """The routing (L, N, T) of a variable-budget allocation: each token's best pattern with its count of big
+    layers (from the oracle entry at that budget)."""
+    L = entries[0]["_codes"].shape[1]
+    out = torch.zeros((L,) + tuple(counts.shape), dtype=torch.long)
+    for j in range(L + 1):
+        sel = counts == j
+        if sel.any():
+            c = choice_from_index(entries[j]["_codes"], entries[j]["_result"]["tok_arg"])  # (L, N, T)
+            out[:, sel] = c[:, sel]
+    return out
+
+
 def public(obj):
     """A JSON-ready copy without the private ('_'-prefixed) keys."""
     if isinstance(obj, dict):
@@ -304,4 +386,5 @@ def run_gate_search(checkpoint, data, out, *, max_sequences: int = 64, batch_siz
 
 __all__ = ["oracle", "oracle_budget", "write_oracle", "run_oracle", "oracle_markdown", "gate_search",
            "run_gate_search", "check_budgets", "check_duo", "duo_space", "pattern_to_string", "public",
-           "OPTIMISTIC_NOTE"]
+           "OPTIMISTIC_NOTE", "VARIABLE_NOTE", "losses_by_count", "allocate_sequence", "variable_budget_oracle",
+           "variable_choice"]

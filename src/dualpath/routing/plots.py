@@ -130,3 +130,35 @@ def difficulty_vs_loss(raw: np.ndarray, diff: np.ndarray, k: int, path: Path, th
     ax.set_title(f"difficulty vs raw loss, k={k}")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def variable_budget_by_position(variable: dict, path: Path) -> str:
+    """Mean big layers per token against token position under the variable-budget oracle, one line per k."""
+    fig = _figure(7, 4.5)
+    ax = fig.subplots()
+    for k, v in variable.items():
+        u = np.asarray(v["by_position"], dtype=float)
+        ax.plot(range(len(u)), u, label=f"k={k}", linewidth=1)
+        ax.axhline(float(k), color=ax.lines[-1].get_color(), linestyle=":", linewidth=0.8)
+    ax.set_xlabel("token position")
+    ax.set_ylabel("big layers per token")
+    ax.set_title("variable-budget oracle: compute by position (dotted: the uniform k)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def variable_budget_by_difficulty(variable: dict, path: Path) -> str:
+    """Mean big layers per token by decile of the token's loss under all-small and under all-big."""
+    fig = _figure(10, 4)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, what in ((axes[0], "by_small_loss_decile", "all-small"), (axes[1], "by_big_loss_decile", "all-big")):
+        for k, v in variable.items():
+            u = np.asarray(v[key], dtype=float)
+            ax.plot(np.arange(1, len(u) + 1), u, marker="o", label=f"k={k}")
+        ax.set_xlabel(f"decile of the token's loss under {what} (1 = easiest)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("big layers per token")
+    axes[0].set_title("variable-budget oracle: compute by token difficulty", fontsize=9)
+    axes[1].legend(fontsize=8)
+    return _save(fig, path)
