@@ -182,12 +182,16 @@ def cmd_generate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from .experiments import launch
     from .experiments.sweep import check_run_folders, dry_run, emit_configs, load_sweep, plan, run_sweep, train_and_eval
     from .experiments.sweep_report import aggregate
 
     if args.run_one:  # one run of a sweep, in the child process the sweep started
         train_and_eval(args.config, args.eval, args.eval_limit)
         return 0
+    slurm = launch.SlurmOptions(partition=args.slurm_partition, gpus_per_node=args.slurm_gpus_per_node,
+                                nodes=args.slurm_nodes, time=args.slurm_time, account=args.slurm_account,
+                                extra=args.slurm_extra).validate()
     sweep = load_sweep(args.config, args.overrides)
     if args.emit_configs:
         for path in emit_configs(sweep, args.emit_configs, source=args.config):
@@ -196,9 +200,20 @@ def cmd_sweep(args) -> int:
     if args.dry_run:
         print(dry_run(sweep, plan(sweep)))
         return 0
+    if args.status:
+        print(launch.status_table(plan(sweep)))
+        return 0
     if args.aggregate_only:
         runs = plan(sweep)
         check_run_folders(runs)
+        aggregate(sweep, runs)
+    elif args.launcher == "slurm":
+        launch.submit_slurm(sweep, slurm, threads=args.threads)
+        if not args.wait:
+            print(f"follow with: dualpath sweep {args.config} --status")
+            return 0
+        runs = plan(sweep)
+        launch.wait(runs, poll_s=5)
         aggregate(sweep, runs)
     else:
         run_sweep(sweep, jobs=args.jobs, threads=args.threads)
@@ -460,11 +475,26 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="iso-FLOP grid: budgets x architectures x K x alpha x seeds")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*", help="key=value overrides of the sweep file, e.g. seeds=[0]")
-    s.add_argument("--jobs", type=int, default=1)
-    s.add_argument("--threads", type=int, default=0, help="CPU threads per run (default 0: the cores over --jobs)")
+    s.add_argument("--jobs", type=int, default=1, help="local: runs at a time")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads per run (0: local, the cores over --jobs; "
+                   "slurm, the job's CPUs)")
     s.add_argument("--dry-run", action="store_true", help="print the grid, params, FLOPs and estimated time")
     s.add_argument("--aggregate-only", action="store_true", help="only rebuild results.csv/.md and plots")
     s.add_argument("--emit-configs", metavar="DIR", help="write one training config per grid point")
+    s.add_argument("--status", action="store_true", help="each run's state: pending, running (step, ETA), done, "
+                   "failed (last error line)")
+    s.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="local: a process pool on this machine; slurm: one job per run, as a job array "
+                   "(docs/CLUSTER.md)")
+    s.add_argument("--wait", action="store_true", help="slurm: wait for the jobs, then aggregate")
+    s.add_argument("--slurm-partition", help="sbatch --partition")
+    s.add_argument("--slurm-gpus-per-node", type=int, default=0, help="GPUs per node; more than one GPU or node "
+                   "runs torchrun inside the job")
+    s.add_argument("--slurm-nodes", type=int, default=1, help="nodes per run")
+    s.add_argument("--slurm-time", default="24:00:00", help="time limit per job: minutes or [D-]HH:MM[:SS]")
+    s.add_argument("--slurm-account", help="sbatch --account")
+    s.add_argument("--slurm-extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option, e.g. --slurm-extra qos=high --slurm-extra constraint=h100")
     # internal: the child process of one run (CONFIG is then the run's run.yaml)
     s.add_argument("--run-one", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--eval", action="append", default=[], help=argparse.SUPPRESS)

@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -302,21 +303,40 @@ def _first_difference(stored: dict, planned: dict, prefix: str = "") -> str | No
     return None
 
 
-def _run_one(run: Run, sweep: SweepConfig, threads: int | None) -> subprocess.Popen | None:
+JOB_RECORD = "job.json"  # in a run folder: how the run was launched (read by `sweep --status`)
+
+
+def run_command(run: Run, sweep: SweepConfig) -> list[str] | None:
+    """The command that trains and evaluates one run (its run.yaml written first); None when it is done."""
     folder = Path(run.config.train.out_dir)
     if (folder / "eval.json").is_file():
         return None
     folder.mkdir(parents=True, exist_ok=True)
     cfg_path = folder / "run.yaml"
-    cfg_path.write_text(yaml.safe_dump(to_dict(run.config), sort_keys=False))
+    atomic_write_text(cfg_path, yaml.safe_dump(to_dict(run.config), sort_keys=False))
+    evals = sweep.evals + ([run.data_dir] if run.dial_value is not None else [])
+    return [sys.executable, "-m", "dualpath", "sweep", str(cfg_path), "--run-one"] + [
+        f"--eval={e}" for e in evals] + [f"--eval-limit={sweep.eval_limit}"]
+
+
+def record_job(folder: str | Path, **record) -> None:
+    from ..fileio import atomic_write_text
+
+    atomic_write_text(Path(folder) / JOB_RECORD, json.dumps({**record, "submitted": time.time()}))
+
+
+def _run_one(run: Run, sweep: SweepConfig, threads: int | None) -> subprocess.Popen | None:
+    cmd = run_command(run, sweep)
+    if cmd is None:
+        return None
+    folder = Path(run.config.train.out_dir)
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    evals = sweep.evals + ([run.data_dir] if run.dial_value is not None else [])
-    cmd = [sys.executable, "-m", "dualpath", "sweep", str(cfg_path), "--run-one"] + [
-        f"--eval={e}" for e in evals] + [f"--eval-limit={sweep.eval_limit}"]
     log = open(folder / "run.log", "a")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    record_job(folder, launcher="local", pid=proc.pid, host=socket.gethostname())
+    return proc
 
 
 def train_and_eval(cfg_path: str, evals: list[str], eval_limit: int) -> None:
@@ -329,6 +349,8 @@ def train_and_eval(cfg_path: str, evals: list[str], eval_limit: int) -> None:
     cfg = load_config(RunConfig, cfg_path)
     cfg.train.progress = False
     summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 evaluates
+        return
     model, _, ckpt = load_model(cfg.train.out_dir)
     result = {"summary": summary}
     if evals:
