@@ -68,6 +68,23 @@ def save_tiny_checkpoint(run_dir: Path, model: DualPathLM, tokenizer_json: Path 
     return save_checkpoint(run_dir, 1, model.state_dict(), RunConfig(model=model.cfg), files=files)
 
 
+def patch_training_loss(monkeypatch, change, first: int, last: int | None = None) -> None:
+    """Training forwards number first..last (1-based, counting forwards with targets in training mode; last
+    None: all later ones) return the loss `change(loss, model)` instead (a NaN, a spike, a NaN gradient)."""
+    orig = DualPathLM.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None, **kw):
+        out = orig(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] >= first and (last is None or calls["n"] <= last):
+                out.loss = change(out.loss, self)
+        return out
+
+    monkeypatch.setattr(DualPathLM, "forward", forward)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One intra-op thread: tiny matmuls are faster that way, and in-process runs are deterministic.

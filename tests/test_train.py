@@ -37,7 +37,7 @@ from dualpath.data.tokenizer import load_tokenizer, token_byte_lengths
 from dualpath.model import DualPathLM
 from dualpath.train import build_optimizer, lr_at, param_groups
 
-from helpers import one_thread  # noqa: F401  (autouse: one intra-op thread)
+from helpers import one_thread, patch_training_loss  # noqa: F401  (autouse: one intra-op thread)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
@@ -373,7 +373,9 @@ def test_resume_in_process_with_tied_embeddings_and_torn_log_line(data_dir, tmp_
     assert train_cli(cfg, flags=("--steps", "3")) == 0
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "loss": 5.1, "gate_de')  # a write cut short
-    assert train_cli(cfg, flags=("--steps", "5", "--resume", "auto")) == 0
+    # a longer horizon is a change of config: refused unless allowed explicitly
+    assert train_cli(cfg, flags=("--steps", "5", "--resume", "auto")) == 2
+    assert train_cli(cfg, flags=("--steps", "5", "--resume", "auto", "--allow-safe-changes")) == 0
     w_ref, w_run = weights(ref), weights(run)
     assert "lm_head.weight" not in w_run
     for k in w_ref:
@@ -585,21 +587,9 @@ def test_nan_loss_from_huge_lr_stops_cleanly(data_dir, tmp_path, capsys):
 def _poison_training_forward(monkeypatch, at_call: int, kind: str):
     """Make the `at_call`-th training forward return a NaN loss (kind='loss') or a finite loss whose
     gradient is NaN (kind='grad': d sqrt(u)/du at u = 0 is inf, times 0 is NaN)."""
-    orig = DualPathLM.forward
-    calls = {"n": 0}
-
-    def forward(self, idx, targets=None, **kw):
-        out = orig(self, idx, targets, **kw)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == at_call:
-                if kind == "loss":
-                    out.loss = out.loss * float("nan")
-                else:
-                    out.loss = out.loss + 0.0 * torch.sqrt(self.norm.weight.sum() * 0.0)
-        return out
-
-    monkeypatch.setattr(DualPathLM, "forward", forward)
+    change = ((lambda loss, m: loss * float("nan")) if kind == "loss"
+              else (lambda loss, m: loss + 0.0 * torch.sqrt(m.norm.weight.sum() * 0.0)))
+    patch_training_loss(monkeypatch, change, at_call, at_call)
 
 
 @pytest.mark.parametrize("kind", ["loss", "grad"])
@@ -706,19 +696,50 @@ def finished_run(data_dir, tmp_path_factory) -> tuple[Path, Path]:
     return cfg, out
 
 
-@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.pt", "trainer_state.pt"])
-def test_error_resume_from_corrupt_checkpoint(finished_run, tmp_path, capsys, victim):
+CORRUPTIONS = {
+    "truncated": lambda b: b[: len(b) // 2],
+    "empty": lambda b: b"",
+    "same size": lambda b: b[:100] + bytes(x ^ 0xFF for x in b[100:200]) + b[200:],  # undetectable by size
+}
+
+
+def _corrupt_copy(finished_run, tmp_path, victim, how):
     cfg_src, src = finished_run
     out = tmp_path / "run"
     shutil.copytree(src, out)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(cfg_src.read_text().replace(str(src), str(out)))
     f = out / "checkpoints" / "step_00000004" / victim
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated
+    f.write_bytes(CORRUPTIONS[how](f.read_bytes()))
+    return cfg, out
+
+
+@pytest.mark.parametrize("victim,how", [("model.safetensors", "truncated"), ("model.safetensors", "same size"),
+                                        ("optimizer.pt", "empty"), ("trainer_state.pt", "empty")])
+def test_error_resume_from_corrupt_checkpoint(finished_run, tmp_path, capsys, victim, how):
+    """Resuming from a named corrupt checkpoint: one line naming the file, nothing written."""
+    cfg, out = _corrupt_copy(finished_run, tmp_path, victim, how)
     before = snapshot(out)
-    line = _expect_error(capsys, cfg, flags=("--steps", "8", "--resume", "auto"))
+    line = _expect_error(capsys, cfg, flags=("--resume", str(out / "checkpoints" / "step_00000004")))
     assert "corrupt" in line and victim in line
     assert snapshot(out) == before  # nothing overwritten, nothing added
+
+
+@pytest.mark.parametrize("victim,how", [("model.safetensors", "truncated"), ("model.safetensors", "same size"),
+                                        ("optimizer.pt", "empty"), ("trainer_state.pt", "empty")])
+def test_resume_auto_falls_back_past_a_corrupt_newest_checkpoint(finished_run, tmp_path, capsys, victim, how):
+    """--resume auto: a one-line warning naming the damage, then the run goes on from step 2 and ends with
+    the weights of the uninterrupted run (the damaged step folder is replaced, not trusted)."""
+    cfg, out = _corrupt_copy(finished_run, tmp_path, victim, how)
+    assert train_cli(cfg, flags=("--resume", "auto")) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("warning: ") and victim in err[0] and "step_00000002" in err[0]
+    start = [r for r in records(out) if r.get("event") == "start"][-1]
+    assert start["resumed_from"].endswith("step_00000002")
+    w_ref, w_run = weights(finished_run[1]), weights(out)
+    for k in w_ref:
+        assert torch.equal(w_ref[k], w_run[k]), k
+    ckpt_io.verify(out / "checkpoints" / "step_00000004")
 
 
 def test_error_paths_in_a_real_process(data_dir, tmp_path):

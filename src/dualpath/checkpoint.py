@@ -7,24 +7,29 @@
         config.yaml         the whole config tree, with its version
         tokenizer.json      copied from the data folder, so eval and generate need nothing else
         data_meta.json
+        manifest.json       size and sha256 of every other file, written last
     RUN/checkpoints/latest  the name of the newest complete checkpoint (replaced atomically)
+
+A checkpoint verifies itself against its manifest: loading and resuming check it, and `--resume auto` takes
+the newest checkpoint that verifies. Checkpoints older than manifests (none written) load unverified.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
 from pathlib import Path
 
 import torch
 import yaml
 
-from .config import RunConfig, from_dict, to_dict
-from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write_text, fsync_dir, fsync_file  # noqa: F401 (atomic_write_text re-exported)
+from .config import CONFIG_VERSION, RunConfig, from_dict, split_version, to_dict
+from .errors import CheckpointError, ConfigError, first_line, warn
+from .fileio import (atomic_open, atomic_write_json, atomic_write_text, copy_file, fsync_dir, fsync_file,
+                     install_dir, sha256_file)
 
-CONFIG_VERSION = 1
 WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
 
 
 def weights_for_saving(state: dict, cfg: RunConfig) -> dict:
@@ -41,7 +46,10 @@ def write_config(path: str | Path, cfg: RunConfig) -> None:
 
 def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, cfg: RunConfig, *,
                     optimizer_state: dict | None = None, trainer_state: dict | None = None,
-                    files: dict[str, Path] | None = None, keep_last: int = 2) -> Path:
+                    files: dict[str, Path] | None = None, keep_last: int | None = 2) -> Path:
+    """Write step folder RUN/checkpoints/step_N in a temp folder (every file fsynced, the manifest last),
+    rename it into place (an old folder of that step is moved aside and deleted only after), then point
+    `latest` at it and prune to keep_last (None: the caller prunes, see `prune`)."""
     from safetensors.torch import save_file
 
     root = Path(run_dir) / "checkpoints"
@@ -51,30 +59,97 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, cfg: RunC
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    # the temp folder is the atomic unit: safetensors writes into it directly, then fsync
     save_file(weights_for_saving(model_state, cfg), str(tmp / WEIGHTS), metadata={"format": "pt"})
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer_state.pt")
+    fsync_file(tmp / WEIGHTS)
+    for name, obj in (("optimizer.pt", optimizer_state), ("trainer_state.pt", trainer_state)):
+        if obj is not None:
+            with atomic_open(tmp / name, "wb") as f:
+                torch.save(obj, f)
     write_config(tmp / "config.yaml", cfg)
     for name, src in (files or {}).items():
         if src is not None and Path(src).is_file():
-            shutil.copyfile(src, tmp / name)
-    for f in tmp.iterdir():
-        fsync_file(f)
-    fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
+            copy_file(src, tmp / name)
+    write_manifest(tmp, step)
+    install_dir(tmp, final)
     atomic_write_text(root / "latest", final.name + "\n")
-    _prune(root, keep_last)
+    if keep_last is not None:
+        prune(run_dir, keep_last)
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in steps[:-keep_last]:
+def write_manifest(folder: Path, step: int) -> None:
+    """manifest.json: size and sha256 of every file of the folder (read back from disk), written last."""
+    entries = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+               for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    atomic_write_json(folder / MANIFEST, {"step": step, "files": entries})
+    fsync_dir(folder)
+
+
+def verify(ckpt: Path) -> None:
+    """CheckpointError naming the first file that does not match the manifest (missing, another size,
+    another checksum) or an unreadable manifest. A folder with weights and no manifest is a checkpoint from
+    before manifests: accepted unverified."""
+    ckpt = Path(ckpt)
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        if (ckpt / WEIGHTS).is_file():
+            return
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete (no {WEIGHTS})")
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict) or WEIGHTS not in files:
+            raise ValueError
+    except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {ckpt}: corrupt {MANIFEST}") from None
+    for name, entry in files.items():
+        f = ckpt / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {ckpt}: {name} is missing")
+        try:
+            size, digest = int(entry["bytes"]), str(entry["sha256"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"checkpoint {ckpt}: corrupt {MANIFEST}") from None
+        if f.stat().st_size != size:
+            raise CheckpointError(f"checkpoint {ckpt}: {name} is {f.stat().st_size} bytes, the manifest says "
+                                  f"{size} (truncated or corrupt)")
+        if sha256_file(f) != digest:
+            raise CheckpointError(f"checkpoint {ckpt}: {name} does not match its checksum (corrupt)")
+
+
+def step_folders(root: Path) -> list[Path]:
+    """The step_* folders under RUN/checkpoints (or a checkpoints folder), oldest first."""
+    root = Path(root)
+    if (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
+    return sorted(q for q in root.glob("step_*") if q.is_dir())
+
+
+def find_resumable(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run that verifies, or None when it has none. Newer ones that fail are
+    named in a one-line warning; if all fail, the newest one's problem is the error."""
+    steps = step_folders(Path(run_dir) / "checkpoints")
+    problems = []
+    for ckpt in reversed(steps):
+        try:
+            verify(ckpt)
+            load_config(ckpt)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            warn(f"skipping {len(problems)} newer checkpoint(s) that do not verify ({problems[0]}); "
+                 f"resuming from {ckpt}")
+        return ckpt
+    if problems:
+        raise CheckpointError(f"no checkpoint of {run_dir} verifies: {problems[0]}")
+    return None
+
+
+def prune(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest keep_last step folders of a run."""
+    for old in step_folders(Path(run_dir) / "checkpoints")[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -110,15 +185,13 @@ def load_config(ckpt: Path) -> RunConfig:
         raise CheckpointError(f"checkpoint {ckpt} has no config.yaml")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
+    except (yaml.YAMLError, UnicodeDecodeError):
         raise CheckpointError(f"corrupt config.yaml in {ckpt}") from None
-    version = data.pop("config_version", 0)
-    if version > CONFIG_VERSION:
-        raise CheckpointError(f"checkpoint {ckpt} has config version {version}; this dualpath reads up to "
-                              f"{CONFIG_VERSION}: upgrade dualpath")
-    data = _upgrade(data, version)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"corrupt config.yaml in {ckpt}")
     try:
-        return from_dict(RunConfig, data)
+        data, version = split_version(data, f"checkpoint {ckpt}")
+        return from_dict(RunConfig, _upgrade(data, version))
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {ckpt} config: {e}") from None
 
@@ -135,19 +208,22 @@ def load_weights(ckpt: Path) -> dict:
     try:
         return load_file(str(ckpt / WEIGHTS))
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"corrupt weights in {ckpt / WEIGHTS}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"corrupt weights in {ckpt / WEIGHTS}: {first_line(e)}") from None
 
 
 def load_torch(path: Path):
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means a corrupt file
-        raise CheckpointError(f"corrupt checkpoint file {path}: {str(e).splitlines()[0][:200]}") from None
+        raise CheckpointError(f"corrupt checkpoint file {path}: {first_line(e)}") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Build the model stored at `path` (run, checkpoints or step folder). Returns (model, config, folder)."""
     ckpt = resolve(path)
+    verify(ckpt)
     cfg = load_config(ckpt)
     try:
         cfg.model.validate()

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
-from .errors import DualPathError
+from .errors import ConfigError, DualPathError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,10 +59,22 @@ def cmd_solve(args) -> int:
     return 0
 
 
+def _config_path(path: str) -> Path:
+    """A config file as given, or the config.yaml of a run folder or checkpoint folder."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "config.yaml").is_file():
+            return p / "config.yaml"
+        from .checkpoint import resolve
+
+        return resolve(p) / "config.yaml"
+    return p
+
+
 def cmd_info(args) -> int:
     from .config import RunConfig, load_config
 
-    cfg = load_config(RunConfig, args.config, args.overrides)
+    cfg = load_config(RunConfig, _config_path(args.config), args.overrides)
     m = cfg.model
     model = m.meta_model()
     T = m.seq_len
@@ -102,7 +115,7 @@ def cmd_train(args) -> int:
         # a horizon flag replaces whichever horizon the YAML set
         overrides = [f"train.{k}=0" for k in ("steps", "tokens", "target_flops")] + overrides
     cfg = load_config(RunConfig, args.config, overrides)
-    result = train(cfg)
+    result = train(cfg, overwrite=args.overwrite, allow_safe_changes=args.allow_safe_changes)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     keys = ("step", "tokens", "flops", "loss", "val_loss", "val_bpb", "out_dir")
@@ -141,15 +154,76 @@ def _load_for_inference(path: str):
 
 def _int_list(text: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'")
+    return values
+
+
+def _at_least(low: int):
+    """argparse type: an integer >= low (argparse then names the flag in its one-line error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _number(low: float | None = None, high: float | None = None, low_open: bool = False):
+    """argparse type: a finite number in [low, high] ((low, high] when low_open)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
+                or (high is not None and value > high):
+            lo = "any" if low is None else f"{'(' if low_open else '['}{low:g}"
+            hi = "" if high is None else f", {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {lo}{hi or ', ...)'}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty")
+    return text
+
+
+def check_checkpoint_options(args) -> None:
+    """The one check of a subcommand's options against the architecture of its checkpoint (read from the
+    checkpoint's config, before any weights or data are loaded): forced K, gate modes, window length."""
+    from .checkpoint import load_config, resolve
+    from .model import check_overrides
+
+    cfg = load_config(resolve(args.checkpoint)).model
+    K = getattr(args, "force_K", None) if getattr(args, "K", None) is None else args.K
+    K_flag = "--K" if getattr(args, "K", None) is not None else "--force-K"
+    gates = getattr(args, "gates", None)
+    if isinstance(gates, str):
+        gates = [g for g in gates.split(",") if g] if args.command == "eval" else gates
+    check_overrides(cfg, K=K, gates=gates, K_flag=K_flag, gates_flag="--gates")
+    for flag in ("seq_len", "chunk_len"):
+        value = getattr(args, flag, None)
+        if value is not None and not 1 <= value <= cfg.seq_len:
+            raise ConfigError(f"--{flag.replace('_', '-')} {value} is outside 1..{cfg.seq_len} (the model's context)")
 
 
 def cmd_eval(args) -> int:
-    from .checkpoint import atomic_write_text
     from .eval.evaluate import evaluate_datasets, results_markdown
+    from .fileio import atomic_write_text, check_output_file
 
+    if args.out:  # before the evaluation, not after it
+        check_output_file(args.out, "--out")
     model, tokenizer, ckpt = _load_for_inference(args.checkpoint)
     gates = [g for g in (args.gates or "").split(",") if g] if args.gates else None
     res = evaluate_datasets(model, tokenizer, args.data, force_K=args.force_K, gates=gates,
@@ -166,13 +240,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .generate import generate
+    from .generate import generate, prompt_ids
     from .model import Overrides
 
     model, tokenizer, _ = _load_for_inference(args.checkpoint)
-    if args.K is not None and not 1 <= args.K <= model.cfg.max_loops:
-        raise DualPathError(f"--K {args.K} is outside 1..max_loops={model.cfg.max_loops}")
-    ov = Overrides(K=args.K, gates=args.gates) if (args.K or args.gates) else None
+    prompt_ids(tokenizer, args.prompt, model.cfg.seq_len)  # too long: an error before anything is printed
+    ov = Overrides(K=args.K, gates=args.gates) if (args.K is not None or args.gates) else None
     print(args.prompt, end="", flush=True)
     generate(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache, overrides=ov,
@@ -354,11 +427,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train a model (distributed: torchrun --nproc_per_node N -m dualpath train ...)")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3 model.K=3")
-    s.add_argument("--steps", type=int)
-    s.add_argument("--tokens", type=int)
-    s.add_argument("--target-flops", type=float, help="true training FLOPs (3x forward) to spend")
+    s.add_argument("--steps", type=_at_least(1))
+    s.add_argument("--tokens", type=_at_least(1))
+    s.add_argument("--target-flops", type=_number(0, None, low_open=True),
+                   help="true training FLOPs (3x forward) to spend")
     s.add_argument("--resume", help="auto, or a checkpoint/run folder")
     s.add_argument("--out", help="run folder (train.out_dir)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the run in the folder (removed only after every check passed)")
+    s.add_argument("--allow-safe-changes", action="store_true",
+                   help="resume although the horizon or the log/eval/save cadence changed (docs/CHECKPOINTS.md)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("prepare", help="tokenize text sources into train/val shards (see docs/DATA.md)")
@@ -394,8 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--extra-steps-gain", choices=("last", "own"), default="last",
                    help="forced K above the trained K: extra steps reuse the last trained step's gain (default) "
                         "or their own, untrained gains")
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--limit", type=int, help="at most this many windows of a prepared folder, examples (per category) "
+    s.add_argument("--batch-size", type=_at_least(1), default=8)
+    s.add_argument("--limit", type=_at_least(1), help="at most this many windows of a prepared folder, examples (per category) "
                    "of a Q/A or synthetic set, or windows of a text file")
     s.add_argument("--no-exact-match", action="store_true", help="skip greedy answer decoding")
     s.add_argument("--out", help="also write the JSON here")
@@ -404,14 +482,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", help="sample text with a KV cache")
     s.add_argument("checkpoint")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int)
-    s.add_argument("--top-p", type=float)
+    s.add_argument("--prompt", required=True, type=_text)
+    s.add_argument("--max-new-tokens", type=_at_least(1), default=64)
+    s.add_argument("--temperature", type=_number(0), default=0.8, help="0: greedy")
+    s.add_argument("--top-k", type=_at_least(1))
+    s.add_argument("--top-p", type=_number(0, 1, low_open=True))
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--K", type=int, help="loop steps at inference")
-    s.add_argument("--gates", help="deep-only, wide-only, both=C or shuffled")
+    s.add_argument("--K", type=int, help="loop steps at inference (loop and dual models)")
+    s.add_argument("--gates", help="dual models: deep-only, wide-only, both=C (C in [0, 1]) or shuffled")
     s.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     s.set_defaults(func=cmd_generate)
 
@@ -423,9 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("checkpoint")
         s.add_argument("--data", required=True, help="prepared folder (val split) or text file")
         s.add_argument("--out", required=True)
-        s.add_argument("--max-sequences", type=int, default=64)
-        s.add_argument("--batch-size", type=int, default=8)
-        s.add_argument("--seq-len", type=int)
+        s.add_argument("--max-sequences", type=_at_least(1), default=64)
+        s.add_argument("--batch-size", type=_at_least(1), default=8)
+        s.add_argument("--seq-len", type=_at_least(1))
         s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
         s.add_argument("--json", action="store_true")
         if budgets:
@@ -539,6 +617,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# subcommands that write into a folder given as `out` (train, prepare, export and sweep check their own)
+OUTPUT_FOLDER_COMMANDS = ("duo", "analyze", "demo", "mechanism")
+
+
+def preflight(args) -> None:
+    """What every subcommand checks before any work: its options against its checkpoint's architecture (one
+    validator), and an output folder that is not a file and can be written."""
+    from .fileio import check_writable_dir
+
+    if getattr(args, "checkpoint", None) and args.command != "lm-eval":
+        check_checkpoint_options(args)
+    if args.command in OUTPUT_FOLDER_COMMANDS:
+        check_writable_dir(args.out, "--out" if args.command != "mechanism" else "OUT")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -548,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        preflight(args)
         return args.func(args) or 0
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2

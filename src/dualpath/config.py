@@ -92,9 +92,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            f = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if not math.isfinite(f):  # nan, inf or an overflowing literal such as 1e999
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return f
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key} must be a string, got {value!r}")
@@ -177,9 +180,28 @@ def validate_tree(obj: Any) -> Any:
     return obj
 
 
+CONFIG_VERSION = 1  # of the config tree written into runs and checkpoints (config.yaml)
+
+
+def split_version(data: dict, where: str | Path) -> tuple[dict, int]:
+    """(the tree without its `config_version` key, that version; 0 when absent). ConfigError for a version
+    newer than this dualpath reads."""
+    data = dict(data)
+    version = data.pop("config_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ConfigError(f"{where}: config_version must be a whole number >= 0, got {version!r}")
+    if version > CONFIG_VERSION:
+        raise ConfigError(f"{where} has config version {version}; this dualpath reads up to {CONFIG_VERSION}: "
+                          "upgrade dualpath")
+    return data, version
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """Load `cls` from an optional YAML file plus overrides, then validate the whole tree."""
+    """Load `cls` from an optional YAML file plus overrides, then validate the whole tree. A run's own
+    config.yaml (with its `config_version`) loads like any other."""
     data = load_yaml(path) if path is not None else {}
+    if path is not None:
+        data, _ = split_version(data, path)
     obj = from_dict(cls, data)
     apply_overrides(obj, overrides)
     return validate_tree(obj)
@@ -253,6 +275,10 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     peak_flops: float = 0.0  # FLOP/s for MFU; 0: measure a GEMM peak at start (CPU) or use the GPU's spec
+    # Divergence guard: stop when a step's loss exceeds this factor times the mean of the last
+    # divergence_window healthy losses (0: only non-finite losses and gradient norms stop a run).
+    divergence_factor: float = 4.0
+    divergence_window: int = 20
 
     def validate(self) -> "TrainConfig":
         _one_of("train.device", self.device, ("auto", "cpu", "cuda"))
@@ -263,7 +289,9 @@ class TrainConfig:
         for n in ("steps", "tokens", "target_flops", "eval_every", "save_every", "peak_flops"):
             if getattr(self, n) < 0:
                 raise ConfigError(f"train.{n} must be >= 0, got {getattr(self, n)}")
-        for n in ("grad_accum", "log_every", "keep_last", "eval_batches"):
+        if self.divergence_factor != 0 and self.divergence_factor <= 1:
+            raise ConfigError(f"train.divergence_factor must be 0 (off) or > 1, got {self.divergence_factor}")
+        for n in ("grad_accum", "log_every", "keep_last", "eval_batches", "divergence_window"):
             if getattr(self, n) < 1:
                 raise ConfigError(f"train.{n} must be >= 1, got {getattr(self, n)}")
         return self

@@ -3,11 +3,16 @@ the same folder, fsync, rename. A crash leaves either the old file or folder or 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
+
+from .errors import DualPathError
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -42,15 +47,21 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~mask
 
 
-def atomic_write_bytes(path: str | os.PathLike, chunks: Any) -> None:
-    """Write an iterable of bytes-like chunks to `path` via a temp name in the same folder, fsync, rename."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kw) -> Iterator[IO]:
+    """The one writer: a file object on a temp name in the same folder; on a clean exit it is flushed,
+    fsynced and renamed over `path`; on an exception it is removed and `path` is untouched.
+    Every file the project writes goes through here (text: mode "w" with newline/encoding; binary: "wb")."""
     path = Path(path)
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files (mode 'w' or 'wb'), not {mode!r}")
+    if mode == "w":
+        kw.setdefault("encoding", "utf-8")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, default_mode())
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
+        with os.fdopen(fd, mode, **kw) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -63,8 +74,74 @@ def atomic_write_bytes(path: str | os.PathLike, chunks: Any) -> None:
     fsync_dir(path.parent)
 
 
+def atomic_write_bytes(path: str | os.PathLike, chunks: Any) -> None:
+    """Write an iterable of bytes-like chunks to `path` atomically."""
+    with atomic_open(path, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, [text.encode("utf-8")])
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **kw) -> None:
+    kw.setdefault("indent", 2)
+    atomic_write_text(path, json.dumps(obj, **kw) + "\n")
+
+
+def atomic_save_figure(fig: Any, path: str | os.PathLike, **kw) -> None:
+    """A matplotlib figure, written atomically (the format from the file name's suffix)."""
+    kw.setdefault("format", Path(path).suffix.lstrip(".") or "png")
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, **kw)
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy a file's bytes to `dst` atomically."""
+    with open(src, "rb") as f_in, atomic_open(dst, "wb") as f_out:
+        shutil.copyfileobj(f_in, f_out)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """DualPathError unless `path` is, or can be created as, a folder this process may write into: not a
+    file, no file among its parents, its nearest existing ancestor writable. Nothing is created."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DualPathError(f"{what} {path} exists and is not a folder")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            raise DualPathError(f"{what} {path}: {probe} is a file, not a folder")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise DualPathError(f"{what} {path}: {probe} is not writable")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """DualPathError unless `path` can be written as a file: its folder exists and is writable, and `path`
+    is not a folder. Nothing is created."""
+    path = Path(path)
+    if path.is_dir():
+        raise DualPathError(f"{what} {path} is a folder")
+    parent = path.parent
+    if not parent.is_dir():
+        raise DualPathError(f"{what} {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DualPathError(f"{what} {path}: the folder {parent} is not writable")
+    return path
 
 
 def check_out_dir(out: Path, overwrite: bool, error: type[Exception]) -> None:
@@ -90,3 +167,47 @@ def install_dir(tmp: Path, out: Path) -> None:
     if old is not None:
         shutil.rmtree(old.parent, ignore_errors=True)
     fsync_dir(out.parent)
+
+
+LOCK_NAME = ".lock"
+
+
+class FolderLock:
+    """An exclusive lock on a folder (RUN/.lock), so two processes never write one run.
+
+    The lock is an flock on the file, held by the kernel: it ends with the process however that ends
+    (a crash or kill -9 leaves no stale lock; the file stays, with the last holder's pid for the message).
+    A second process refuses at once with a DualPathError naming the holder."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> "FolderLock":
+        import fcntl
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, default_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise DualPathError(f"{self.folder} is in use by {holder}: one run per folder "
+                                f"(wait for it, or use another folder)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -62,11 +62,23 @@ def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, *, temper
         step_input = nxt.view(1, 1)
 
 
+def prompt_ids(tokenizer, prompt: str, context: int, bos: bool = True) -> list[int]:
+    """The token ids generation starts from (EOS first when bos), or a DualPathError for an empty prompt or
+    one longer than the context."""
+    if not prompt:
+        raise DualPathError("the prompt is empty")
+    eos_id = find_eos_id(tokenizer, default=None)
+    ids = ([eos_id] if bos and eos_id is not None else []) + tokenizer.encode(prompt).ids
+    if len(ids) > context:
+        raise DualPathError(f"the prompt has {len(ids)} tokens, longer than the context ({context})")
+    return ids
+
+
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, *, stream: Callable[[str], None] | None = None,
              bos: bool = True, **kw) -> str:
     """Generate text after `prompt`. `stream` receives text pieces as they are decoded."""
     eos_id = find_eos_id(tokenizer, default=None)
-    ids = ([eos_id] if bos and eos_id is not None else []) + tokenizer.encode(prompt).ids
+    ids = prompt_ids(tokenizer, prompt, model.cfg.seq_len, bos)
     out: list[int] = []
     printed = ""
     for token in generate_tokens(model, ids, max_new_tokens, eos_id=eos_id, **kw):

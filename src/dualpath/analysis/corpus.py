@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,8 +346,3 @@ def corpus_from_path(path: str | Path, tokenizer, *, field: str | None = None, m
     if p.suffix == ".jsonl":
         return load_corpus(jsonl=p, field=field, tokenizer=tokenizer, max_tokens=max_tokens, name=name)
     return load_corpus(text=p, tokenizer=tokenizer, max_tokens=max_tokens, name=name)
-
-
-def warn(message: str) -> None:
-    """One line on stderr."""
-    print(f"warning: {message}", file=sys.stderr)

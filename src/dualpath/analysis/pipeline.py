@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, warn
+from ..fileio import atomic_open, atomic_write_text
 from .aggregate import (ANCHOR_AFTER, DOMINANCE, GATE_HIGH, GATE_LOW, MIN_TAG_COUNT, anchor_compare, anchor_window,
                         collapse_diagnostics, layer_means, nanmean, tag_layer_table)
 from .capture import capture_ids
-from .corpus import Corpus, corpus_from_path, load_corpus, warn
+from .corpus import Corpus, corpus_from_path, load_corpus
 from .overrides import STATS, token_class_override
 from .report import (HTML_MAX_TOKENS, html_table, plot_anchor, plot_collapse, plot_layers, plot_tag_layer,
                      render_html, tag_table_rows, write_csv, write_json)
@@ -156,11 +157,13 @@ def analyze(checkpoint, *, text=None, data=None, jsonl=None, field: str | None =
                       write_json(out / "overrides.json", override_rows)]
 
     # -- arrays ----------------------------------------------------------------------------------
-    np.savez_compressed(out / "arrays.npz", **_arrays(corpora[0], caps[main], tags[main]))
+    with atomic_open(out / "arrays.npz", "wb") as f:
+        np.savez_compressed(f, **_arrays(corpora[0], caps[main], tags[main]))
     files.append(out / "arrays.npz")
     if len(corpora) > 1:
         c = corpora[1]
-        np.savez_compressed(out / "arrays_compare.npz", **_arrays(c, caps[c.name], tags[c.name]))
+        with atomic_open(out / "arrays_compare.npz", "wb") as f:
+            np.savez_compressed(f, **_arrays(c, caps[c.name], tags[c.name]))
         files.append(out / "arrays_compare.npz")
 
     # -- figures ---------------------------------------------------------------------------------
@@ -232,7 +235,7 @@ def analyze(checkpoint, *, text=None, data=None, jsonl=None, field: str | None =
     page = render_html(title=f"dualpath routing analysis: {c0.name}", text=text_joined, cap=caps[main],
                        tags=tags[main], start=flat["start"], end=flat["end"], summary_lines=lines,
                        sections=sections, images=images, max_tokens=html_max_tokens, steps_range=steps_range)
-    (out / "report.html").write_text(page, encoding="utf-8")
+    atomic_write_text(out / "report.html", page)
     files.append(out / "report.html")
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["files"] = [p.name for p in files] + ["summary.json"]

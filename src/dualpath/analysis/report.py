@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_open, atomic_save_figure, atomic_write_text
+
 HTML_MAX_TOKENS = 4000  # tokens shown in report.html (the arrays and tables cover all of them)
 HTML_KEYS = ("rho_deep", "gate_deep", "gate_wide", "cos_deep_wide", "expected_steps", "delta_norm_deep",
              "delta_norm_wide")
@@ -45,7 +47,7 @@ def jsonable(obj):
 
 
 def write_json(path: Path, obj) -> Path:
-    path.write_text(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -54,7 +56,7 @@ def write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) ->
         columns = []
         for r in rows:
             columns += [k for k in r if k not in columns and not isinstance(r[k], (list, dict))]
-    with open(path, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(columns)
         for r in rows:
@@ -115,7 +117,7 @@ def plot_tag_layer(path: Path, table: dict, title: str) -> Path | None:
             if math.isfinite(v):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="mean ρ_d (red = deep)")
-    fig.savefig(path)
+    atomic_save_figure(fig, path)
     return path
 
 
@@ -141,7 +143,7 @@ def plot_layers(path: Path, per_dataset: dict[str, list[dict]]) -> Path | None:
         _layer_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.savefig(path)
+    atomic_save_figure(fig, path)
     return path
 
 
@@ -171,7 +173,7 @@ def plot_collapse(path: Path, rows: list[dict], title: str) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.savefig(path)
+    atomic_save_figure(fig, path)
     return path
 
 
@@ -195,7 +197,7 @@ def plot_anchor(path: Path, rows: list[dict], name_a: str, name_b: str, anchor: 
         ax.grid(alpha=0.3)
     where = f"after '{anchor}'" if anchor else "all tokens"
     fig.suptitle(f"Task comparison ({where}); bars: ±1 s.e.")
-    fig.savefig(path)
+    atomic_save_figure(fig, path)
     return path
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import warn
+from ..errors import warn
 
 SPECIAL, SPACE, ARITH, UNKNOWN = "SPECIAL", "SPACE", "ARITH", "X"
 FALLBACK_CLASSES = ("PUNCT", "SYM", "ARITH", "FUNC", "WORD")

@@ -11,7 +11,8 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .shards import TokenShards, WindowSampler
-from .tokenizer import check_folder_vocab, check_tokenizer, eos_id, load_tokenizer, token_byte_lengths
+from .tokenizer import (check_folder_vocab, check_same_tokenizer, check_tokenizer, eos_id, load_tokenizer,
+                        token_byte_lengths)
 
 
 def check_seq_len(model, seq_len: int | None) -> int:
@@ -36,7 +37,10 @@ def load_windows(data: str | Path, model, *, tokenizer_dir: str | Path | None = 
     p = Path(data)
     if p.is_dir():
         check_folder_vocab(p, model.cfg.vocab_size)
+        if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").is_file():
+            check_same_tokenizer(p, Path(tokenizer_dir) / "tokenizer.json", f"the checkpoint {tokenizer_dir}")
         shards = TokenShards(p, split)
+        shards.check_ids(model.cfg.vocab_size)
         n = (shards.n_tokens - 1) // T
         if n < 1:
             raise DataError(f"the {split} split of {p} has {shards.n_tokens} tokens, fewer than the window + 1 "
@@ -109,6 +113,8 @@ class Batches:
         self.root, self.seq_len = root, seq_len
         self.train = Windows(root, "train", seq_len, seed)
         self.val = Windows(root, "val", seq_len, seed)
+        for w in (self.train, self.val):
+            w.shards.check_ids(model_vocab)
         self.val_sampler = self.val.sampler
         tok = root / "tokenizer.json"
         self.byte_lengths = (torch.from_numpy(np.asarray(token_byte_lengths(tok), dtype=np.int64))

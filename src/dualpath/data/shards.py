@@ -221,6 +221,17 @@ class TokenShards:
     def __len__(self) -> int:
         return self.n_tokens
 
+    def check_ids(self, vocab_size: int, chunk: int = 1 << 24) -> None:
+        """DataError naming the shard unless every token id is below vocab_size (the model's vocabulary):
+        a shard from another tokenizer, or one made by hand, must fail here and not as an IndexError later.
+        Reads every shard once, in chunks."""
+        for path, arr in zip(self.paths, self.arrays):
+            for start in range(0, arr.size, chunk):
+                hi = int(arr[start:start + chunk].max())
+                if hi >= vocab_size:
+                    raise DataError(f"{path}: token id {hi} is out of range for the model's vocabulary "
+                                    f"({vocab_size}): the data and the model do not belong together")
+
     def get(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start+length) as int64; crosses shard boundaries as needed."""
         start, length = int(start), int(length)

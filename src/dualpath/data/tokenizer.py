@@ -95,6 +95,30 @@ def check_tokenizer(tokenizer, model, where: str = "the tokenizer") -> None:
     check_vocab(tokenizer.get_vocab_size(), model.cfg.vocab_size, where)
 
 
+def fingerprint(tokenizer: Any) -> str:
+    """sha256 of what decides the token ids (the model: vocabulary and merges; the added tokens), so the same
+    tokenizer saved twice, or re-indented, has the same fingerprint. `tokenizer`: a Tokenizer or a path."""
+    import hashlib
+
+    if not hasattr(tokenizer, "to_str"):
+        tokenizer = load_tokenizer(tokenizer)
+    spec = json.loads(tokenizer.to_str())
+    added = sorted((int(a["id"]), str(a["content"])) for a in spec.get("added_tokens") or [])
+    key = json.dumps({"model": spec.get("model"), "added": added}, sort_keys=True)
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def check_same_tokenizer(data_folder: str | os.PathLike, tokenizer: Any, owner: str) -> None:
+    """DataError unless the tokenizer.json of a prepared folder (when it has one) is `tokenizer` (the one
+    `owner`, e.g. a checkpoint, was trained with): ids of one tokenizer mean nothing to a model of another."""
+    path = Path(data_folder) / "tokenizer.json"
+    if tokenizer is None or not path.is_file():
+        return
+    if fingerprint(path) != fingerprint(tokenizer):
+        raise DataError(f"{data_folder} was prepared with another tokenizer than {owner}: its token ids mean "
+                        "other text to this model")
+
+
 def check_folder_vocab(folder: str | os.PathLike, model_vocab: int) -> dict:
     """The meta.json of a prepared folder ({} if it has none), after checking its vocabulary fits."""
     meta_path = Path(folder) / "meta.json"

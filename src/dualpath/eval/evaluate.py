@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from ..data.tokenizer import check_tokenizer, eos_id, load_tokenizer, token_byte_lengths
+from ..data.shards import TokenShards
+from ..data.tokenizer import check_same_tokenizer, check_tokenizer, eos_id, load_tokenizer, token_byte_lengths
 from ..errors import DataError
 from ..generate import generate_tokens
-from ..model import Overrides, check_gate_override
+from ..model import Overrides, check_overrides
 
 LN2 = math.log(2.0)
 
@@ -211,8 +212,6 @@ def evaluate_shards(model, folder: str | Path, split: str = "val", batch_size: i
     """Loss, perplexity and exact BPB over consecutive non-overlapping windows of a prepared split."""
     import numpy as np
 
-    from ..data.shards import TokenShards
-
     shards = TokenShards(folder, split)
     T = model.cfg.seq_len
     n = (shards.n_tokens - 1) // T
@@ -251,18 +250,10 @@ def evaluate_datasets(model, tokenizer, data: list[str], *, force_K: list[int] |
     trained, each forced K, and each gate override (the paper's ablations)."""
     check_tokenizer(tokenizer, model)
     cfg = model.cfg
-    for k in force_K or []:
-        if not 1 <= k <= cfg.max_loops:
-            raise DataError(f"--force-K {k} is outside 1..max_loops={cfg.max_loops} of this model")
-    if (force_K or gates) and cfg.arch not in ("loop", "dual"):
-        raise DataError(f"--force-K and --gates need a loop or dual model, this one is {cfg.arch}")
-    if gates and cfg.arch != "dual":
-        raise DataError(f"--gates needs a dual model, this one is {cfg.arch}")
-    for g in gates or []:
-        try:
-            check_gate_override(g)
-        except ValueError as e:
-            raise DataError(str(e)) from None
+    check_overrides(cfg, K=force_K, gates=gates, K_flag="--force-K", gates_flag="--gates")
+    for name, value in (("--batch-size", batch_size), ("--limit", limit)):
+        if value is not None and value < 1:
+            raise DataError(f"{name} must be >= 1, got {value}")
     paths = [Path(d) for d in data]
     stems = [p.name if p.is_dir() else p.stem for p in paths]
     sources = []
@@ -270,6 +261,8 @@ def evaluate_datasets(model, tokenizer, data: list[str], *, force_K: list[int] |
         # wikitext-2/test.txt and gsm8k/test.jsonl must not share a column
         name = f"{p.resolve().parent.name}/{stem}" if stems.count(stem) > 1 else stem
         if p.is_dir():
+            check_same_tokenizer(p, tokenizer, "the checkpoint")  # before any evaluation
+            TokenShards(p, "val").check_ids(cfg.vocab_size)
             sources.append((name, "shards", p))
             if (p / "eval_examples.jsonl").is_file():
                 sources.append((f"{name}:examples", "examples", p / "eval_examples.jsonl"))

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
-from ..fileio import atomic_write_text
+from ..fileio import atomic_save_figure, atomic_write_text
 from ..solver import solve, table_markdown
 
 BACKBONE = dict(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, seq_len=128, ffn_multiple=16)
@@ -97,9 +97,7 @@ def _figure(results: list[dict], cats: list[str], path: Path) -> None:
         ax.set_title(f"{dual[0]['name']}: routing by category")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    atomic_save_figure(fig, path, dpi=110)
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, budget: float = BUDGET, tokens: int | None = None,

@@ -29,16 +29,25 @@ from pathlib import Path
 import yaml
 
 from ..config import RunConfig, apply_overrides, from_dict, load_yaml, to_dict, validate_tree
-from ..errors import ConfigError
+from ..errors import ConfigError, warn
+from ..fileio import atomic_write_text, check_writable_dir
 from .sweep_report import aggregate
 
 
 @dataclass
 class ArmSpec:
     arch: str = "dual"  # wide | loop | dual
-    K: list[int] = field(default_factory=lambda: [1])
-    alpha: list[float] = field(default_factory=lambda: [0.5])
+    K: list[int] | None = None  # loop and dual; not given: [1]
+    alpha: list[float] | None = None  # dual only; not given: [0.5]
     gate_mode: list[str] = field(default_factory=list)  # dual only: e.g. [two_gates, convex, softmax, fixed]
+
+    @property
+    def ks(self) -> list[int]:
+        return [1] if self.arch == "wide" or self.K is None else self.K
+
+    @property
+    def alphas(self) -> list[float | None]:
+        return [None] if self.arch != "dual" else [0.5] if self.alpha is None else self.alpha
 
     def validate(self) -> "ArmSpec":
         from ..model import GATE_MODES
@@ -47,12 +56,22 @@ class ArmSpec:
             raise ConfigError(f"sweep arm arch must be wide, loop or dual, got '{self.arch}'")
         if self.gate_mode and self.arch != "dual":
             raise ConfigError(f"sweep arm gate_mode applies to dual arms only, not '{self.arch}'")
+        if self.K is not None and self.arch == "wide":
+            raise ConfigError("sweep arm K applies to loop and dual arms, not wide")
+        if self.alpha is not None and self.arch != "dual":
+            raise ConfigError(f"sweep arm alpha applies to dual arms only, not '{self.arch}'")
+        for name in ("K", "alpha", "gate_mode"):
+            values = getattr(self, name)
+            if values is not None and name != "gate_mode" and not values:
+                raise ConfigError(f"sweep arm {self.arch}: {name} is an empty list (leave it out for the default)")
+            if values and len(set(values)) != len(values):
+                raise ConfigError(f"sweep arm {self.arch}: {name} lists a value twice: {values}")
         for mode in self.gate_mode:
             if mode not in GATE_MODES:
                 raise ConfigError(f"sweep arm gate_mode must be one of {', '.join(GATE_MODES)}, got '{mode}'")
-        if any(k < 1 for k in self.K):
+        if any(k < 1 for k in self.ks):
             raise ConfigError(f"sweep arm K values must be >= 1, got {self.K}")
-        if any(not 0 < a < 1 for a in self.alpha):
+        if any(not 0 < a < 1 for a in self.alphas if a is not None):
             raise ConfigError(f"sweep arm alpha values must be in (0, 1), got {self.alpha}")
         return self
 
@@ -113,6 +132,14 @@ class SweepConfig:
     def validate(self) -> "SweepConfig":
         if not self.arms:
             raise ConfigError("sweep.arms is empty")
+        for name in ("budgets", "seeds", "tokens"):
+            values = getattr(self, name)
+            if not values:
+                raise ConfigError(f"sweep.{name} is empty: the sweep would run nothing")
+            if name != "tokens" and len(set(values)) != len(values):
+                raise ConfigError(f"sweep.{name} lists a value twice: {values}")
+        if min(self.budgets) <= 0:
+            raise ConfigError(f"sweep.budgets must be > 0, got {self.budgets}")
         if self.match not in ("paper", "true"):
             raise ConfigError(f"sweep.match must be paper or true, got '{self.match}'")
         if self.protocol not in ("tokens", "flops"):
@@ -123,6 +150,10 @@ class SweepConfig:
             raise ConfigError("sweep.tokens needs one positive token count, or one per budget")
         for a in self.arms:
             a.validate()
+        arms = [(a.arch, tuple(a.ks), tuple(a.alphas), tuple(a.gate_mode)) for a in self.arms]
+        if len(set(arms)) != len(arms):
+            raise ConfigError("sweep.arms lists the same arm twice")
+        check_writable_dir(self.out_dir, "sweep.out_dir")
         return self
 
 
@@ -183,7 +214,7 @@ def plan(sweep: SweepConfig) -> list[Run]:
     backbone = sweep.base.model
     T = sweep.base.data.seq_len or backbone.seq_len
     dial_values = sweep.synthetic.values if sweep.synthetic.dial else [None]
-    runs = []
+    runs, floored = [], {}
     for value in dial_values:
         data = dataclasses.replace(sweep.base.data)
         if value is not None:
@@ -193,11 +224,12 @@ def plan(sweep: SweepConfig) -> list[Run]:
             kw = dict(multiple=sweep.multiple, build_multiple=sweep.build_multiple, match=sweep.match, seq_len=T)
             wide_fpt = solve(backbone, budget, "wide", **kw)["config"].meta_model().flops_per_token(T, "true")
             for arm in sweep.arms:
-                ks = [1] if arm.arch == "wide" else arm.K
-                alphas = [None] if arm.arch != "dual" else arm.alpha
+                ks, alphas = arm.ks, arm.alphas
                 modes = arm.gate_mode or [None]
                 for K, alpha, mode, seed in itertools.product(ks, alphas, modes, sweep.seeds):
                     r = solve(backbone, budget, arm.arch, K=K, alpha=alpha or 0.5, **kw)
+                    if r["mismatch"] > SOLVER_OVER_WARN:
+                        floored[(budget, arm.arch, K, alpha)] = r["mismatch"]
                     if mode is not None:  # the gate's own FLOPs differ by a few per token between modes
                         r["config"] = dataclasses.replace(r["config"], gate_mode=mode).validate()
                     fpt = r["config"].meta_model().flops_per_token(T, "true")
@@ -213,7 +245,30 @@ def plan(sweep: SweepConfig) -> list[Run]:
                                     data.path if value is not None else "", mode))
     for r in runs:
         r.config.train.out_dir = str(Path(sweep.out_dir) / r.folder)
+    check_plan(runs)
+    for (budget, arch, K, alpha), over in floored.items():
+        warn(f"{arch} K={K}" + (f" α={alpha}" if alpha is not None else "") + f" at {budget:.3g}: the solver's "
+             f"smallest widths are {over:+.0%} over the budget ({sweep.match} FLOPs per layer); not FLOP-matched")
     return runs
+
+
+SOLVER_OVER_WARN = 0.10  # a solver result this far over its budget (at its smallest widths) gets a warning
+
+
+def check_plan(runs: list[Run]) -> None:
+    """ConfigError for a grid that cannot run as planned: two runs in one folder (duplicate arms or seeds, or
+    budgets that print alike), or a run shorter than its warmup."""
+    seen: dict[str, Run] = {}
+    for r in runs:
+        other = seen.setdefault(r.folder, r)
+        if other is not r:
+            raise ConfigError(f"two runs of the sweep map to one folder {r.folder} ({other.arm} at budget "
+                              f"{other.budget!r} and {r.arm} at {r.budget!r}): make budgets, arms and seeds distinct")
+        c = r.config
+        steps = math.ceil(r.tokens / (c.data.batch_size * c.train.grad_accum * (c.data.seq_len or c.model.seq_len)))
+        if c.optim.warmup_steps > steps:
+            raise ConfigError(f"base.optim.warmup_steps={c.optim.warmup_steps} is longer than run {r.folder} "
+                              f"({steps} steps)")
 
 
 def prepare_dial_data(sweep: SweepConfig, log=print) -> None:
@@ -421,7 +476,7 @@ def run_sweep(sweep: SweepConfig, jobs: int = 1, log=print, threads: int = 0) ->
 
 def emit_configs(sweep: SweepConfig, folder: str | Path, source: str = "SWEEP.yaml") -> list[Path]:
     """Write one training config per (budget, arm) of the grid (seed 0), e.g. the paper's F80M/F160M runs."""
-    folder = Path(folder)
+    folder = check_writable_dir(folder, "--emit-configs")
     written = []
     for r in plan(sweep):
         if r.seed != sweep.seeds[0]:
@@ -433,6 +488,6 @@ def emit_configs(sweep: SweepConfig, folder: str | Path, source: str = "SWEEP.ya
         header = (f"# {r.arm} at F_M = {r.budget:.3g} (paper FLOPs per layer): {r.params / 1e6:.0f}M params,\n"
                   f"# {r.flops_per_token / 1e9:.2f} GFLOPs/token true forward. Generated by\n"
                   f"# `dualpath sweep {source} --emit-configs {folder}`; widths from the iso-FLOP solver.\n")
-        path.write_text(header + yaml.safe_dump(d, sort_keys=False))
+        atomic_write_text(path, header + yaml.safe_dump(d, sort_keys=False))
         written.append(path)
     return written

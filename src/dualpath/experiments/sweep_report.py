@@ -10,6 +10,9 @@ import json
 import math
 from pathlib import Path
 
+from ..fileio import atomic_open, atomic_save_figure, atomic_write_text
+
+
 def _collect(runs: list) -> list[dict]:
     rows = []
     for r in runs:
@@ -46,7 +49,7 @@ def aggregate(sweep, runs: list) -> list[dict]:
     if not rows:
         return rows
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / "results.csv", "w", newline="") as f:
+    with atomic_open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
@@ -95,7 +98,7 @@ def aggregate(sweep, runs: list) -> list[dict]:
     lines.append("Mean ± std over seeds (no ± for one seed); bold: lowest in the budget. BPB is bits per byte, the "
                  "answer loss nats per answer token, (x%) greedy exact-match accuracy; results.csv has every metric "
                  "of every run.")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     _plots(out, rows, runs)
     if dial:
         dose_response(out, rows, sweep)
@@ -134,7 +137,7 @@ def dose_response(out: Path, rows: list[dict], sweep) -> dict:
                                 lambda r: [step_of(k) for k in step_keys if k in r])
     result = {"capacity": {"category": s.capacity_category, "dial": s.dial, "points": cap},
               "compute": {"category": s.compute_category, "points": comp}}
-    (out / "dose_response.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "dose_response.json", json.dumps(result, indent=2))
     try:
         import matplotlib
 
@@ -158,7 +161,7 @@ def dose_response(out: Path, rows: list[dict], sweep) -> dict:
     fig.suptitle("mean ± std over seeds; matched FLOPs per token" + (", equal tokens" if sweep.protocol == "tokens"
                                                                      else ""))
     fig.tight_layout()
-    fig.savefig(out / "dose_response.png", dpi=120)
+    atomic_save_figure(fig, out / "dose_response.png", dpi=120)
     plt.close(fig)
     return result
 
@@ -225,7 +228,7 @@ def _plots(out: Path, rows: list[dict], runs: list) -> None:
         ax.set_title(f"F_M = {budget:.3g}")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "bpb_vs_params.png", dpi=120)
+    atomic_save_figure(fig, out / "bpb_vs_params.png", dpi=120)
     plt.close(fig)
     fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
     # 13 arms outrun the default 10-colour cycle: one colour per arm, one line style per architecture
@@ -250,5 +253,5 @@ def _plots(out: Path, rows: list[dict], runs: list) -> None:
         ax.set_title(f"F_M = {budget:.3g}, seed {runs[0].seed}")
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(out / "loss_vs_flops.png", dpi=120)
+    atomic_save_figure(fig, out / "loss_vs_flops.png", dpi=120)
     plt.close(fig)

@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import CheckpointError, DualPathError
-from ..fileio import check_out_dir, fsync_tree, install_dir
+from ..fileio import atomic_write_text, check_out_dir, fsync_tree, install_dir
 
 HF_FILES = ("configuration_dualpath.py", "modeling_dualpath.py")
 ROOT_MODULE = "model"  # the dualpath module the exported code needs; its relative imports follow
@@ -148,13 +148,13 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwri
             data.pop(key, None)
         data["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
         data["dualpath_version"] = __version__
-        (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        atomic_write_text(tmp / "config.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
 
         GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
                          do_sample=False).save_pretrained(tmp)
 
         for name, text in model_code_files().items():
-            (tmp / name).write_text(text, encoding="utf-8")
+            atomic_write_text(tmp / name, text)
 
         hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_path), bos_token=eos, eos_token=eos, pad_token=eos,
                                          model_max_length=cfg.model.seq_len, clean_up_tokenization_spaces=False)
@@ -163,8 +163,8 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwri
         tok_cfg_path = tmp / "tokenizer_config.json"
         tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8"))
         tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(_readme(cfg, ckpt, eos), encoding="utf-8")
+        atomic_write_text(tok_cfg_path, json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(tmp / "README.md", _readme(cfg, ckpt, eos))
         mode = (tmp / "config.json").stat().st_mode & 0o777  # safetensors writes 0600; share like the rest
         for f in tmp.iterdir():
             f.chmod(mode)

@@ -278,20 +278,20 @@ def oracle_markdown(res: dict) -> str:
 def write_oracle(res: dict, out_dir: str | Path, log=None) -> dict:
     """oracle.json, oracle.md, oracle_patterns.csv (every evaluated pattern per budget, best first: which
     layers go big), oracle_sequences.csv (each sequence's best pattern) and the layer-usage plots."""
-    from ..checkpoint import atomic_write_text
+    from ..fileio import atomic_open, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": str(out / "oracle.json"), "markdown": str(out / "oracle.md"),
              "patterns_csv": str(out / "oracle_patterns.csv"), "sequences_csv": str(out / "oracle_sequences.csv")}
-    with open(out / "oracle_patterns.csv", "w", newline="") as f:
+    with atomic_open(out / "oracle_patterns.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["budget", "rank", "pattern", "big_layers", "loss", "ppl", "sequence_wins", "token_wins"])
         for k, e in res["budgets"].items():
             for rank, p in enumerate(e["patterns"]):
                 w.writerow([k, rank, p["pattern"], " ".join(map(str, p["big_layers"])), f"{p['loss']:.6f}",
                             f"{_ppl(p['loss']):.4f}", p["sequence_wins"], p["token_wins"]])
-    with open(out / "oracle_sequences.csv", "w", newline="") as f:
+    with atomic_open(out / "oracle_sequences.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["budget", "sequence", "pattern", "loss"])
         for k, e in res["budgets"].items():

@@ -25,7 +25,9 @@ def _figure(w: float, h: float):
 
 
 def _save(fig, path: Path) -> str:
-    fig.savefig(path)
+    from ..fileio import atomic_save_figure
+
+    atomic_save_figure(fig, path)
     return str(path)
 
 

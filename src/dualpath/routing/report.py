@@ -458,12 +458,12 @@ def write_report(res: dict, out_dir: str | Path, log=None) -> dict:
     """report.json, report.csv, summary.md, the oracle files and plots (PNG)."""
     import csv
 
-    from ..checkpoint import atomic_write_text
+    from ..fileio import atomic_open, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = write_oracle(res["oracle"], out, log)
-    with open(out / "report.csv", "w", newline="") as fh:
+    with atomic_open(out / "report.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         cols = ["method", "budget", "big_fraction", "loss", "ci_low", "ci_high", "ppl", "flops_per_token",
                 "flops_vs_all_big", "router", "pattern", "note"]
