@@ -192,6 +192,9 @@ class Overrides:
               of a token drawn by a permutation of all tokens of the batch), "share-shuffled-seq" (of a
               token of the same sequence).
 
+    adaptive: an AdaptivePolicy (early exit from the deep loop, gate-driven path skipping); None runs every
+            step and both paths for every token.
+
     Per-layer choices (routing search, Duo masks, analysis hooks) are not overrides: they reach a layer
     through the `choices` argument of `DualPathLM.forward` (see "Layer choices" below).
     """
@@ -200,6 +203,7 @@ class Overrides:
     gates: str | None = None
     seed: int = 0
     extra_steps_gain: str = "last"
+    adaptive: "AdaptivePolicy | None" = None  # adaptive depth at inference (see AdaptivePolicy)
 
     def gate_constants(self) -> tuple[float, float] | None:
         return None if self.gates is None or self.gates in GATE_MIXES else parse_gate_override(self.gates)
@@ -228,8 +232,6 @@ def parse_gate_override(text: str) -> tuple[float, float]:
             c = float(raw)
         except ValueError:
             raise ConfigError(f"gate override '{text}': '{raw}' is not a number") from None
-        if not 0 <= c <= 1:  # a gate is a sigmoid's value; C outside [0, 1] is not a gate setting
-            raise ConfigError(f"gate override '{text}': C must be in [0, 1], got {raw}")
         return (c, c)
     raise ConfigError(f"unknown gate override '{text}' (deep-only, wide-only, both=C, {', '.join(GATE_MIXES)})")
 
@@ -239,27 +241,6 @@ def check_gate_override(text: str) -> str:
     if text not in GATE_MIXES:
         parse_gate_override(text)
     return text
-
-
-def check_overrides(cfg: "ModelConfig", *, K: int | list[int] | None = None, gates: str | list[str] | None = None,
-                    K_flag: str = "K", gates_flag: str = "gates") -> None:
-    """The one check of inference overrides against a model's architecture (eval, generate, lm-eval, export
-    tools): forced K needs a loop or dual model and lies in 1..max_loops; gate modes need a dual model and
-    must parse. ConfigError naming the flag (`K_flag` / `gates_flag`, as the caller spells it)."""
-    ks = [] if K is None else [K] if isinstance(K, int) else list(K)
-    modes = [] if gates is None else [gates] if isinstance(gates, str) else list(gates)
-    if ks and cfg.arch not in ("loop", "dual"):
-        raise ConfigError(f"{K_flag} needs a loop or dual model; this one is {cfg.arch}")
-    for k in ks:
-        if not 1 <= k <= cfg.max_loops:
-            raise ConfigError(f"{K_flag} {k} is outside 1..max_loops={cfg.max_loops} of this model")
-    if modes and cfg.arch != "dual":
-        raise ConfigError(f"{gates_flag} needs a dual model; this one is {cfg.arch}")
-    for g in modes:
-        try:
-            check_gate_override(g)
-        except ConfigError as e:
-            raise ConfigError(f"{gates_flag}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,6 +268,108 @@ DUAL_CHOICES = ("learned", "deep-favoured", "wide-favoured")
 
 
 NO_OVERRIDES = Overrides()
+
+
+# ----------------------------------------------------------------------------------------------
+# Adaptive depth at inference (docs/ADAPTIVE.md)
+
+
+@dataclass(frozen=True)
+class AdaptivePolicy:
+    """Per-token compute at inference. Every threshold None (or one that never triggers) is the full model.
+
+    exit   ε: a token leaves the deep loop after step k < K once its remaining ACT halting mass
+           π_{k+1} = Π_{j<=k}(1 − q_j) is below ε; step k then counts as its last step, so its deep output is
+           the mixture so far plus all of π_k on hᵏ (the ACT mixture with the remaining mass on the current
+           state). ε = 0 never exits; ε >= 1 always exits after the first step (forced K = 1).
+    delta  δ (Huginn-style): a token also leaves once ‖hᵏ − hᵏ⁻¹‖ / ‖hᵏ⁻¹‖ < δ.
+    deep   τ_d: a token with g_d < τ_d skips the deep path (h_deep = x: its update is zero).   (dual only)
+    wide   τ_w: a token with g_w < τ_w skips the wide path (h_wide = x).                      (dual only)
+
+    What attention sees: a token that does not run a step of a path (it exited the loop, or skipped the path)
+    issues no query and runs no FFN there, but still offers that step's attention the keys and values of its
+    last state (its exit state hᵏ, or the layer input x if it skipped), computed once. Every step's keys then
+    exist at every position and depend only on that token, so a KV cache holds exactly what a full forward
+    computes and cached generation equals uncached generation under the same policy.
+    """
+
+    exit: float | None = None
+    deep: float | None = None
+    wide: float | None = None
+    delta: float | None = None
+
+    KEYS = ("exit", "deep", "wide", "delta")
+
+    def __post_init__(self):
+        for key in self.KEYS:
+            v = getattr(self, key)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"adaptive {key}={v!r} must be a number >= 0")
+
+    @classmethod
+    def parse(cls, text: str) -> "AdaptivePolicy":
+        """'exit=0.1,deep=0.05,wide=0.05[,delta=0.01]' (',' ';' or '/' between the keys; 'none' or '' is the
+        inert policy)."""
+        values: dict[str, float] = {}
+        for part in text.replace(";", ",").replace("/", ",").split(","):
+            part = part.strip()
+            if not part or part.lower() == "none":
+                continue
+            key, sep, raw = part.partition("=")
+            key = key.strip()
+            if not sep or key not in cls.KEYS:
+                raise ConfigError(f"adaptive policy '{text}': '{part}' is not KEY=VALUE with KEY one of "
+                                  f"{', '.join(cls.KEYS)}")
+            if key in values:
+                raise ConfigError(f"adaptive policy '{text}' sets {key} twice")
+            try:
+                values[key] = float(raw)
+            except ValueError:
+                raise ConfigError(f"adaptive policy '{text}': {key}='{raw.strip()}' is not a number") from None
+        return cls(**values)
+
+    def __str__(self) -> str:
+        return ",".join(f"{k}={getattr(self, k):g}" for k in self.KEYS if getattr(self, k) is not None) or "none"
+
+    def skips(self) -> bool:
+        return self.deep is not None or self.wide is not None
+
+    def check(self, cfg: "ModelConfig") -> "AdaptivePolicy":
+        """ConfigError unless the architecture has what the policy acts on (a deep loop; gates for skipping)."""
+        if cfg.arch not in ("loop", "dual"):
+            raise ConfigError(f"an adaptive policy needs a loop or dual model; this one is {cfg.arch}")
+        if self.skips() and cfg.arch != "dual":
+            raise ConfigError(f"adaptive deep=/wide= skip by the Dual-Path gates; this model is {cfg.arch}")
+        return self
+
+
+class FlopTally:
+    """The forward FLOPs a pass really executed ("true" convention: every matmul, attention over the keys each
+    query was given), from the executed shapes, per (layer, part, step). Parts: deep (the loop's block), halt
+    (its halting router: a vector product FlopCounterMode does not see), wide, gate, head (layer -1).
+    Pass one as `DualPathLM.forward(..., flops=tally)`; it adds up over calls."""
+
+    PARTS = ("deep", "halt", "wide", "gate", "head")
+
+    def __init__(self):
+        self.counts: dict[tuple[int, str, int], float] = {}
+        self.tokens = 0  # positions run through the model
+
+    def add(self, layer: int, part: str, step: int, flops: float) -> None:
+        key = (layer, part, step)
+        self.counts[key] = self.counts.get(key, 0.0) + float(flops)
+
+    def total(self, parts: tuple[str, ...] | None = None) -> float:
+        return sum(v for (_, part, _), v in self.counts.items() if parts is None or part in parts)
+
+    def by_part(self) -> dict[str, float]:
+        return {p: self.total((p,)) for p in self.PARTS}
+
+    def per_token(self) -> dict[str, float]:
+        """FLOPs per position: total, deep path (block and halting routers), and each part."""
+        n = max(self.tokens, 1)
+        return {"flops_per_token": self.total() / n, "deep_flops_per_token": self.total(("deep", "halt")) / n,
+                **{f"{p}_flops_per_token": v / n for p, v in self.by_part().items()}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,14 +454,50 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
+    # -- a subset of the tokens (adaptive depth): flat token indices, rows = index // T, positions = index % T
+
+    def kv_rows(self, xn, rows, pos, rope, kv) -> None:
+        """Write the keys and values of normed states xn (F, d) of the tokens at (rows, pos) into
+        kv = (k, v), each (B, n_kv_heads, T, head_dim), in place."""
+        n = xn.shape[0]
+        cos, sin = rope[0][pos].unsqueeze(1), rope[1][pos].unsqueeze(1)
+        k = apply_rope(self.wk(xn).view(n, self.n_kv_heads, self.head_dim), cos, sin)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        kv[0][rows, :, pos] = k
+        kv[1][rows, :, pos] = self.wv(xn).view(n, self.n_kv_heads, self.head_dim)
+
+    def attend_rows(self, xn, rows, pos, rope, k, v, past: int = 0):
+        """Attention output (A, d) of the queries of normed states xn (A, d) at (rows, pos), rows ascending,
+        over k, v (B, n_kv_heads, past + T, head_dim): the query at pos sees the keys up to past + pos."""
+        n = xn.shape[0]
+        cos, sin = rope[0][pos].unsqueeze(1), rope[1][pos].unsqueeze(1)
+        q = apply_rope(self.wq(xn).view(n, self.n_heads, self.head_dim), cos, sin)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.n_rep > 1:
+            k = k.repeat_interleave(self.n_rep, dim=1)
+            v = v.repeat_interleave(self.n_rep, dim=1)
+        keys = torch.arange(k.shape[2], device=xn.device)
+        out, start = [], 0
+        for b, m in enumerate(torch.bincount(rows, minlength=k.shape[0]).tolist()):
+            if m:  # one row at a time: exactly its queries against its keys, nothing padded
+                qb = q[start:start + m].transpose(0, 1).unsqueeze(0)
+                mask = keys.unsqueeze(0) <= (past + pos[start:start + m]).unsqueeze(1)
+                out.append(F.scaled_dot_product_attention(qb, k[b:b + 1], v[b:b + 1], attn_mask=mask)[0].transpose(0, 1))
+                start += m
+        return self.wo(torch.cat(out).reshape(n, self.n_heads * self.head_dim))
+
+    def flops(self, n_q: int, n_kv: int, n_scores: int) -> float:
+        """True FLOPs of n_q queries (q and output projections), n_kv key/value projections and n_scores
+        query-key pairs (QKᵀ and AV)."""
+        d, kv = self.d_model, self.n_kv_heads * self.head_dim
+        return float(2 * d * d * 2 * n_q + 2 * d * kv * 2 * n_kv + 2 * 2 * self.n_heads * self.head_dim * n_scores)
+
     def flops_per_token(self, seq_len: int, convention: str = "true") -> float:
         _check_convention(convention)
-        d, kv = self.d_model, self.n_kv_heads * self.head_dim
-        proj = 2 * d * d * 2 + 2 * d * kv * 2  # = 4d² + 4d²/n_rep
-        if convention == "paper":
-            return float(proj)
-        # QKᵀ and AV over all seq_len keys (no causal halving).
-        return float(proj + 2 * 2 * self.n_heads * self.head_dim * seq_len)
+        # projections = 4d² + 4d²/n_rep; true: QKᵀ and AV over all seq_len keys (no causal halving)
+        return self.flops(1, 1, 0 if convention == "paper" else seq_len)
 
 
 class SwiGLU(nn.Module):
@@ -423,6 +542,25 @@ class Block(nn.Module):
     def forward(self, x, s, rope, cache=None, cache_key=None):
         u = _residual(x, s, self.attn(self.attn_norm(x), rope, cache, cache_key))
         return _residual(u, s, self.ffn(self.ffn_norm(u)))
+
+    def step_rows(self, h, s, run, run_mask, fresh, rope, T: int, kv, cache=None, cache_key=None):
+        """Φ(·; s) of the tokens `run` (ascending flat indices into h, (N, d)) only: Φ's rows, (A, d). First the
+        tokens `fresh` (⊇ run; run_mask marks run over all N) write the keys and values of their state into
+        kv; every other position keeps the ones it holds (see AdaptivePolicy). With a cache, kv is this
+        step's chunk and the queries also see the cached prefix."""
+        xn = self.attn_norm(h[fresh])
+        self.attn.kv_rows(xn, fresh // T, fresh % T, rope, kv)
+        k, v = cache.update(cache_key, *kv) if cache is not None else kv
+        if run.numel() == 0:
+            return h[:0]
+        x = h[run]
+        a = self.attn.attend_rows(xn[run_mask[fresh]], run // T, run % T, rope, k, v, cache.pos if cache else 0)
+        u = _residual(x, s, a)
+        return _residual(u, s, self.ffn(self.ffn_norm(u)))
+
+    def flops(self, n_q: int, n_kv: int, n_scores: int) -> float:
+        """True FLOPs of n_q tokens through Φ, n_kv key/value projections and n_scores query-key pairs."""
+        return self.attn.flops(n_q, n_kv, n_scores) + n_q * self.ffn.flops_per_token(0)
 
     def flops_per_token(self, seq_len: int, convention: str = "true") -> float:
         return self.attn.flops_per_token(seq_len, convention) + self.ffn.flops_per_token(seq_len, convention)
@@ -478,9 +616,16 @@ class LoopPath(nn.Module):
             raise ValueError(f"extra_steps_gain must be last or own, got '{extra_steps_gain}'")
         return gains
 
-    def forward(self, x, rope, K=None, cache=None, layer=0, diag: dict | None = None, extra_steps_gain="last"):
+    def forward(self, x, rope, K=None, cache=None, layer=0, diag: dict | None = None, extra_steps_gain="last",
+                tally: FlopTally | None = None):
         K = K or self.K
         gains = self.step_gains(K, extra_steps_gain)
+        if tally is not None:
+            n, keys = x.shape[0] * x.shape[1], x.shape[1] + (cache.pos if cache is not None else 0)
+            for k in range(K):
+                tally.add(layer, "deep", k, self.block.flops(n, n, n * keys))
+                if k < K - 1:
+                    tally.add(layer, "halt", k, n * self.halt.flops_per_token(0))
         h, remaining = x, None  # remaining = π_k, the mass not yet halted
         out = None
         halt_weights, halt_probs = [], []
@@ -504,6 +649,105 @@ class LoopPath(nn.Module):
             diag["expected_steps"] = (hw * torch.arange(1, K + 1, device=hw.device, dtype=hw.dtype)).sum(-1)
             diag["step_gains"] = gains.detach()
         return out
+
+    def forward_adaptive(self, x, rope, policy: AdaptivePolicy, run=None, K=None, cache=None, layer=0,
+                         diag: dict | None = None, extra_steps_gain="last", tally: FlopTally | None = None):
+        """The loop under an adaptive policy (early exit; see AdaptivePolicy). run: (B, T) bool, the tokens that
+        take the path (None: all); the others get h_deep = x. Only running tokens go through the block
+        (gather, scatter). While every token runs, each step is exactly `forward`'s."""
+        K = K or self.K
+        B, T, d = x.shape
+        N = B * T
+        gains = self.step_gains(K, extra_steps_gain)
+        past = cache.pos if cache is not None else 0
+        active = torch.ones(N, dtype=torch.bool, device=x.device) if run is None else run.reshape(N).clone()
+        newly = ~active  # tokens whose last state's keys/values the next step must write
+        h, out, remaining, kv = x, None, None, None  # dense (B, T, ...) until a token leaves, then flat (N, ...)
+        steps = torch.zeros(N, dtype=torch.long, device=x.device)
+        weights = x.new_zeros(N, K) if diag is not None else None
+        probs = x.new_full((N, max(K - 1, 0)), math.nan) if diag is not None else None
+        k = 0
+        for k in range(K):
+            if not bool(active.any()):
+                break
+            if kv is None and not bool(newly.any()):  # every token runs: the full step
+                idx, prev = None, h
+                cur = self.block(h, gains[k], rope, cache, (layer, "deep", k))
+                n_run = n_fresh = N
+            else:
+                if kv is None:
+                    h = h.reshape(N, d)
+                    out = out.reshape(N, d) if out is not None else x.reshape(N, d).clone()
+                    remaining = remaining.reshape(N) if remaining is not None else x.new_ones(N)
+                    kv = tuple(x.new_zeros(B, self.block.attn.n_kv_heads, T, self.block.attn.head_dim) for _ in "kv")
+                idx = active.nonzero().squeeze(1)
+                fresh = (active | newly).nonzero().squeeze(1)
+                prev = h[idx]
+                cur = self.block.step_rows(h, gains[k], idx, active, fresh, rope, T, kv, cache, (layer, "deep", k))
+                n_run, n_fresh = idx.numel(), fresh.numel()
+            if tally is not None:
+                tally.add(layer, "deep", k, self.block.flops(n_run, n_fresh, n_run * (past + T)))
+            rem = remaining if idx is None or remaining is None else remaining[idx]
+            if k == K - 1:
+                w = rem if rem is not None else torch.ones_like(cur[..., 0])
+                leaving = torch.ones_like(w, dtype=torch.bool)
+            else:
+                q = self.halt(cur, k / (K - 1))
+                if tally is not None:
+                    tally.add(layer, "halt", k, n_run * self.halt.flops_per_token(0))
+                left = (1 - q) if rem is None else rem * (1 - q)
+                w = q if rem is None else rem * q
+                leaving = left < policy.exit if policy.exit is not None else torch.zeros_like(q, dtype=torch.bool)
+                if policy.delta is not None:
+                    change = (cur - prev).norm(dim=-1) / prev.norm(dim=-1).clamp_min(torch.finfo(cur.dtype).tiny)
+                    leaving = leaving | (change < policy.delta)
+                if bool(leaving.any()):  # this step is their last: it takes all of their remaining mass
+                    w = torch.where(leaving, rem if rem is not None else torch.ones_like(w), w)
+                if probs is not None:
+                    probs[idx if idx is not None else slice(None), k] = q.reshape(-1)
+                remaining = left if idx is None else remaining.index_copy(0, idx, left)
+            if idx is None:
+                out = w.unsqueeze(-1) * cur if out is None else torch.addcmul(out, w.unsqueeze(-1), cur)
+                h = cur
+                sel = slice(None)
+            else:
+                first = steps[idx] == 0
+                term = torch.addcmul(torch.where(first.unsqueeze(-1), torch.zeros_like(cur), out[idx]),
+                                     w.unsqueeze(-1), cur)
+                out = out.index_copy(0, idx, term)
+                h = h.index_copy(0, idx, cur)
+                sel = idx
+            steps[sel] += 1
+            if weights is not None:
+                weights[sel, k] = w.reshape(-1)
+            gone = leaving.reshape(-1)
+            gone = gone.nonzero().squeeze(1) if idx is None else idx[gone]
+            newly = torch.zeros_like(active)
+            newly[gone] = True
+            active[gone] = False
+        else:
+            k = K
+        if cache is not None and k < K:  # nobody runs steps k..K-1: they still hold every token's keys/values
+            if kv is None:
+                h = h.reshape(N, d)
+                kv = tuple(x.new_zeros(B, self.block.attn.n_kv_heads, T, self.block.attn.head_dim) for _ in "kv")
+            fresh = newly.nonzero().squeeze(1)
+            none = fresh[:0]
+            for j in range(k, K):
+                self.block.step_rows(h, gains[j], none, active, fresh, rope, T, kv, cache, (layer, "deep", j))
+                if tally is not None:
+                    tally.add(layer, "deep", j, self.block.flops(0, fresh.numel(), 0))
+                fresh = none
+        if out is None:
+            out = x
+        if diag is not None:
+            hw = weights.view(B, T, K)
+            diag["halt_weights"] = hw
+            diag["halt_probs"] = probs.view(B, T, -1)
+            diag["expected_steps"] = (hw * torch.arange(1, K + 1, device=hw.device, dtype=hw.dtype)).sum(-1)
+            diag["steps_run"] = steps.view(B, T)
+            diag["step_gains"] = gains.detach()
+        return out.view(B, T, d)
 
     def expected_steps(self, x, rope, K=None):
         diag = {}
@@ -530,8 +774,28 @@ class WidePath(nn.Module):
     def gain(self):
         return F.softplus(self.beta) if self.beta is not None else 1.0
 
-    def forward(self, x, rope, cache=None, layer=0):
+    def forward(self, x, rope, cache=None, layer=0, tally: FlopTally | None = None):
+        if tally is not None:
+            n = x.shape[0] * x.shape[1]
+            tally.add(layer, "wide", 0, self.block.flops(n, n, n * (x.shape[1] + (cache.pos if cache else 0))))
         return self.block(x, self.gain(), rope, cache, (layer, "wide", 0))
+
+    def forward_adaptive(self, x, rope, run=None, cache=None, layer=0, tally: FlopTally | None = None):
+        """The wide block for the tokens in run ((B, T) bool; None: all) only; the others get x. Every token
+        offers the block's attention the keys and values of x, its state (see AdaptivePolicy)."""
+        if run is None or bool(run.all()):
+            return self.forward(x, rope, cache, layer, tally)
+        if cache is None and not bool(run.any()):
+            return x  # no query needs a key
+        B, T, d = x.shape
+        N = B * T
+        h, flat = x.reshape(N, d), run.reshape(N)
+        idx, fresh = flat.nonzero().squeeze(1), torch.arange(N, device=x.device)
+        kv = tuple(x.new_zeros(B, self.block.attn.n_kv_heads, T, self.block.attn.head_dim) for _ in "kv")
+        cur = self.block.step_rows(h, self.gain(), idx, flat, fresh, rope, T, kv, cache, (layer, "wide", 0))
+        if tally is not None:
+            tally.add(layer, "wide", 0, self.block.flops(idx.numel(), N, idx.numel() * (T + (cache.pos if cache else 0))))
+        return h.index_copy(0, idx, cur).view(B, T, d)
 
     def flops_per_token(self, seq_len: int, convention: str = "true") -> float:
         return self.block.flops_per_token(seq_len, convention)
@@ -589,9 +853,9 @@ class WideLayer(nn.Module):
         self.index = index
         self.wide = WidePath(cfg)
 
-    def forward(self, x, rope, ov: Overrides, cache=None, diag=None, choice=None):
+    def forward(self, x, rope, ov: Overrides, cache=None, diag=None, choice=None, tally=None):
         _no_choices(self, choice)
-        y = self.wide(x, rope, cache, self.index)
+        y = self.wide(x, rope, cache, self.index, tally)
         if diag is not None:
             diag["delta_norm_wide"] = (y - x).norm(dim=-1)
         return y
@@ -606,9 +870,13 @@ class LoopLayer(nn.Module):
         self.index = index
         self.deep = LoopPath(cfg)
 
-    def forward(self, x, rope, ov: Overrides, cache=None, diag=None, choice=None):
+    def forward(self, x, rope, ov: Overrides, cache=None, diag=None, choice=None, tally=None):
         _no_choices(self, choice)
-        y = self.deep(x, rope, ov.K, cache, self.index, diag, ov.extra_steps_gain)
+        if ov.adaptive is not None:
+            y = self.deep.forward_adaptive(x, rope, ov.adaptive, None, ov.K, cache, self.index, diag,
+                                           ov.extra_steps_gain, tally)
+        else:
+            y = self.deep(x, rope, ov.K, cache, self.index, diag, ov.extra_steps_gain, tally)
         if diag is not None:
             diag["delta_norm_deep"] = (y - x).norm(dim=-1)
         return y
@@ -684,12 +952,25 @@ class DualLayer(nn.Module):
             y = torch.addcmul(y, g_w.unsqueeze(-1), h_wide)
         return y
 
-    def forward(self, x, rope, ov: Overrides, cache=None, diag=None, choice=None):
+    def forward(self, x, rope, ov: Overrides, cache=None, diag=None, choice=None, tally=None):
         g_d, g_w = self.gates(x, ov, choice)
+        if tally is not None:
+            tally.add(self.index, "gate", 0, x.shape[0] * x.shape[1] * self.gate.flops_per_token(0))
         # A path whose gate is zero for every token is skipped, unless a cache or diagnostics need it.
         deep_off, wide_off = ov.paths_off() if diag is None and cache is None else (False, False)
-        h_deep = None if deep_off else self.deep(x, rope, ov.K, cache, self.index, diag, ov.extra_steps_gain)
-        h_wide = None if wide_off else self.wide(x, rope, cache, self.index)
+        pol = ov.adaptive
+        if pol is None:
+            h_deep = None if deep_off else self.deep(x, rope, ov.K, cache, self.index, diag, ov.extra_steps_gain,
+                                                     tally)
+            h_wide = None if wide_off else self.wide(x, rope, cache, self.index, tally)
+        else:  # gates first: they decide which tokens take which path
+            run_d = g_d >= pol.deep if pol.deep is not None else None
+            run_w = g_w >= pol.wide if pol.wide is not None else None
+            h_deep = None if deep_off else self.deep.forward_adaptive(x, rope, pol, run_d, ov.K, cache, self.index,
+                                                                      diag, ov.extra_steps_gain, tally)
+            h_wide = None if wide_off else self.wide.forward_adaptive(x, rope, run_w, cache, self.index, tally)
+            if diag is not None:
+                diag["wide_run"] = run_w if run_w is not None else torch.ones_like(g_w, dtype=torch.bool)
         y = self.mix(x, g_d, h_deep, g_w, h_wide)
         if diag is not None:
             dd, dw = h_deep - x, h_wide - x
@@ -789,27 +1070,6 @@ class RouterMLP(nn.Module):
         return self.out(F.gelu(self.inp(u)))
 
 
-_M31 = 0x7FFFFFFF
-
-
-def _mix31(x: torch.Tensor) -> torch.Tensor:
-    """An integer hash of 31-bit values (int64 tensors; products stay below 2^58, so nothing overflows)."""
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M31
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M31
-    return (x >> 16) ^ x
-
-
-def keyed_uniform(keys: torch.Tensor, salt: int, n: int) -> torch.Tensor:
-    """(B, n) uniform numbers in [0, 1) (24 bits), row b a pure function of (keys[b], salt, position): a
-    counter-based draw, the same on any device and for any batch split. keys: (B, k) int64."""
-    h = torch.full((keys.shape[0],), salt & _M31, dtype=torch.long, device=keys.device)
-    for col in keys.long().unbind(-1):
-        for part in (col & _M31, (col >> 31) & _M31):
-            h = _mix31(h ^ _mix31(part))
-    pos = _mix31(torch.arange(n, device=keys.device, dtype=torch.long) + 0x3C6EF372 & _M31)
-    return (_mix31(h[:, None] ^ pos[None, :]) >> 7).float() / float(1 << 24)
-
-
 class DuoLayer(nn.Module):
     """Duo-LLM (Alizadeh et al., arXiv 2410.10846): attention, then per token a big FFN (d_ffn_big), a small
     FFN (d_ffn_small, default big/16) or skip (identity; with skip_whole_layer attention is bypassed too).
@@ -885,7 +1145,9 @@ class DuoLayer(nn.Module):
                 return torch.where(logits.squeeze(-1) > 0, BIG, SMALL), p
             return logits.argmax(-1), p  # output j is code j
         shape = (B, T) if cfg.duo_granularity == "token" else (B, 1)
-        return self._random_codes(torch.rand(shape, device=x.device)).expand(B, T), None
+        u = torch.rand(shape, device=x.device)
+        choice = torch.where(u < cfg.p_big, BIG, torch.where(u < cfg.p_big + cfg.p_small, SMALL, SKIP))
+        return choice.expand(B, T), None
 
     def attend(self, x, rope, cache=None):
         return x + self.attn(self.attn_norm(x), rope, cache, (self.index, "duo", 0))
@@ -1050,13 +1312,16 @@ class DualPathLM(nn.Module):
 
     def forward(self, idx, targets=None, *, overrides: Overrides | None = None, return_per_token_loss=False,
                 return_diagnostics=False, cache: KVCache | None = None, choices=None,
-                sample_keys: torch.Tensor | None = None) -> LMOutput:
+                flops: FlopTally | None = None) -> LMOutput:
         """choices: None, or one layer choice per layer (see "Layer choices"); a Duo routing tensor
         (n_layers, B, T) of codes counts as one (B, T) choice per layer.
-        sample_keys: (B, k) int64, one key per sample; a layer that draws random choices (Duo's random
-        policy) then draws them from the key, so a sample is routed alike however a batch is split."""
+        flops: a FlopTally that receives the FLOPs this pass really executes (wide, loop and dual models)."""
         B, T = idx.shape
         ov = overrides or NO_OVERRIDES
+        if ov.adaptive is not None:
+            ov.adaptive.check(self.cfg)
+        if flops is not None and self.cfg.arch == "duo":
+            raise ValueError("a FlopTally counts wide, loop and dual models; Duo-LLM has realised_flops")
         if choices is not None and len(choices) != len(self.layers):
             raise ValueError(f"{len(choices)} layer choices for {len(self.layers)} layers")
         if ov.K is not None and not 1 <= ov.K <= self.cfg.max_loops:
@@ -1071,9 +1336,8 @@ class DualPathLM(nn.Module):
         for i, layer in enumerate(self.layers):
             diag = {} if (return_diagnostics or self._wants_ponder(targets)) else None
             choice = None if choices is None else choices[i]
-            if choice is None and sample_keys is not None and hasattr(layer, "keyed_choice"):
-                choice = layer.keyed_choice(sample_keys, T)
-            x = layer(x, rope, ov, cache, diag, choice)
+            x = layer(x, rope, ov, cache, diag, choice) if flops is None else layer(x, rope, ov, cache, diag,
+                                                                                     choice, tally=flops)
             if diag is not None:
                 if "expected_steps" in diag:
                     ponder.append(diag["expected_steps"])
@@ -1082,6 +1346,9 @@ class DualPathLM(nn.Module):
         if cache is not None:
             cache.pos += T
         logits = self.lm_head(self.norm(x))
+        if flops is not None:
+            flops.add(-1, "head", 0, B * T * 2.0 * self.cfg.d_model * self.cfg.vocab_size)
+            flops.tokens += B * T
         out = LMOutput(logits=logits, diagnostics=diagnostics)
         if targets is not None:
             per_tok = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
