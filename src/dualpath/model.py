@@ -232,6 +232,8 @@ def parse_gate_override(text: str) -> tuple[float, float]:
             c = float(raw)
         except ValueError:
             raise ConfigError(f"gate override '{text}': '{raw}' is not a number") from None
+        if not 0 <= c <= 1:  # a gate is a sigmoid's value; C outside [0, 1] is not a gate setting
+            raise ConfigError(f"gate override '{text}': C must be in [0, 1], got {raw}")
         return (c, c)
     raise ConfigError(f"unknown gate override '{text}' (deep-only, wide-only, both=C, {', '.join(GATE_MIXES)})")
 
@@ -241,6 +243,27 @@ def check_gate_override(text: str) -> str:
     if text not in GATE_MIXES:
         parse_gate_override(text)
     return text
+
+
+def check_overrides(cfg: "ModelConfig", *, K: int | list[int] | None = None, gates: str | list[str] | None = None,
+                    K_flag: str = "K", gates_flag: str = "gates") -> None:
+    """The one check of inference overrides against a model's architecture (eval, generate, lm-eval, export
+    tools): forced K needs a loop or dual model and lies in 1..max_loops; gate modes need a dual model and
+    must parse. ConfigError naming the flag (`K_flag` / `gates_flag`, as the caller spells it)."""
+    ks = [] if K is None else [K] if isinstance(K, int) else list(K)
+    modes = [] if gates is None else [gates] if isinstance(gates, str) else list(gates)
+    if ks and cfg.arch not in ("loop", "dual"):
+        raise ConfigError(f"{K_flag} needs a loop or dual model; this one is {cfg.arch}")
+    for k in ks:
+        if not 1 <= k <= cfg.max_loops:
+            raise ConfigError(f"{K_flag} {k} is outside 1..max_loops={cfg.max_loops} of this model")
+    if modes and cfg.arch != "dual":
+        raise ConfigError(f"{gates_flag} needs a dual model; this one is {cfg.arch}")
+    for g in modes:
+        try:
+            check_gate_override(g)
+        except ConfigError as e:
+            raise ConfigError(f"{gates_flag}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1070,6 +1093,27 @@ class RouterMLP(nn.Module):
         return self.out(F.gelu(self.inp(u)))
 
 
+_M31 = 0x7FFFFFFF
+
+
+def _mix31(x: torch.Tensor) -> torch.Tensor:
+    """An integer hash of 31-bit values (int64 tensors; products stay below 2^58, so nothing overflows)."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M31
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M31
+    return (x >> 16) ^ x
+
+
+def keyed_uniform(keys: torch.Tensor, salt: int, n: int) -> torch.Tensor:
+    """(B, n) uniform numbers in [0, 1) (24 bits), row b a pure function of (keys[b], salt, position): a
+    counter-based draw, the same on any device and for any batch split. keys: (B, k) int64."""
+    h = torch.full((keys.shape[0],), salt & _M31, dtype=torch.long, device=keys.device)
+    for col in keys.long().unbind(-1):
+        for part in (col & _M31, (col >> 31) & _M31):
+            h = _mix31(h ^ _mix31(part))
+    pos = _mix31(torch.arange(n, device=keys.device, dtype=torch.long) + 0x3C6EF372 & _M31)
+    return (_mix31(h[:, None] ^ pos[None, :]) >> 7).float() / float(1 << 24)
+
+
 class DuoLayer(nn.Module):
     """Duo-LLM (Alizadeh et al., arXiv 2410.10846): attention, then per token a big FFN (d_ffn_big), a small
     FFN (d_ffn_small, default big/16) or skip (identity; with skip_whole_layer attention is bypassed too).
@@ -1145,9 +1189,7 @@ class DuoLayer(nn.Module):
                 return torch.where(logits.squeeze(-1) > 0, BIG, SMALL), p
             return logits.argmax(-1), p  # output j is code j
         shape = (B, T) if cfg.duo_granularity == "token" else (B, 1)
-        u = torch.rand(shape, device=x.device)
-        choice = torch.where(u < cfg.p_big, BIG, torch.where(u < cfg.p_big + cfg.p_small, SMALL, SKIP))
-        return choice.expand(B, T), None
+        return self._random_codes(torch.rand(shape, device=x.device)).expand(B, T), None
 
     def attend(self, x, rope, cache=None):
         return x + self.attn(self.attn_norm(x), rope, cache, (self.index, "duo", 0))
@@ -1312,9 +1354,11 @@ class DualPathLM(nn.Module):
 
     def forward(self, idx, targets=None, *, overrides: Overrides | None = None, return_per_token_loss=False,
                 return_diagnostics=False, cache: KVCache | None = None, choices=None,
-                flops: FlopTally | None = None) -> LMOutput:
+                sample_keys: torch.Tensor | None = None, flops: FlopTally | None = None) -> LMOutput:
         """choices: None, or one layer choice per layer (see "Layer choices"); a Duo routing tensor
         (n_layers, B, T) of codes counts as one (B, T) choice per layer.
+        sample_keys: (B, k) int64, one key per sample; a layer that draws random choices (Duo's random
+        policy) then draws them from the key, so a sample is routed alike however a batch is split.
         flops: a FlopTally that receives the FLOPs this pass really executes (wide, loop and dual models)."""
         B, T = idx.shape
         ov = overrides or NO_OVERRIDES
@@ -1336,6 +1380,8 @@ class DualPathLM(nn.Module):
         for i, layer in enumerate(self.layers):
             diag = {} if (return_diagnostics or self._wants_ponder(targets)) else None
             choice = None if choices is None else choices[i]
+            if choice is None and sample_keys is not None and hasattr(layer, "keyed_choice"):
+                choice = layer.keyed_choice(sample_keys, T)
             x = layer(x, rope, ov, cache, diag, choice) if flops is None else layer(x, rope, ov, cache, diag,
                                                                                      choice, tally=flops)
             if diag is not None:
