@@ -373,6 +373,14 @@ def cmd_duo_report(args) -> int:
     return 0
 
 
+def cmd_duo_findings(args) -> int:
+    from .routing.findings import run_findings
+
+    run_findings(args.reports, args.out, skip_dirs=args.skip_report or ())
+    print(Path(args.out).read_text())
+    return 0
+
+
 def cmd_mechanism(args) -> int:
     from .experiments.mechanism import gate_study, routing_study, world_seed_check
 
@@ -549,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the variable-budget oracle (it searches every budget 0..L)")
     s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamplings for the 95%% intervals")
     s.add_argument("--seed", type=int, default=0)
+    s = dsub.add_parser("findings", help="the paper's findings over the reports of several seeds (docs/DUO.md)")
+    s.add_argument("reports", nargs="+", help="`duo report` output folders, one per seed")
+    s.add_argument("--skip-report", action="append", help="the same seeds' --with-skip reports (repeatable)")
+    s.add_argument("--out", required=True, help="markdown file (a .json beside it)")
+    s.set_defaults(func=cmd_duo_findings)
 
     s = sub.add_parser("sweep", help="iso-FLOP grid: budgets x architectures x K x alpha x seeds")
     s.add_argument("config")
