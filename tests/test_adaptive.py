@@ -247,3 +247,99 @@ def test_policy_needs_what_it_acts_on():
     with pytest.raises(ConfigError, match="gates"):
         perturbed_model(tiny_config("loop"))(idx, overrides=Overrides(adaptive=P(deep=0.1)))
     P(deep=0.1).check(tiny_config("dual"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI: eval --adaptive, --adaptive-sweep, generate --adaptive, errors
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    from helpers import SHAKESPEARE, save_tiny_checkpoint, train_tiny_tokenizer
+
+    if not SHAKESPEARE.is_file():
+        pytest.skip("shared data missing")
+    root = tmp_path_factory.mktemp("adaptive_cli")
+    tok = train_tiny_tokenizer(root / "tok" / "tokenizer.json")
+    ckpt = save_tiny_checkpoint(root / "run", _dual(K=3, seed=8), tok)
+    text = root / "t.txt"
+    text.write_text(SHAKESPEARE.read_text()[:3000])
+    return ckpt, text, tok
+
+
+def test_eval_cli_reports_realised_flops_beside_the_full_row(cli_run, tmp_path, capsys):
+    import json
+
+    from dualpath.cli import main
+
+    ckpt, text, _ = cli_run
+    out = tmp_path / "res.json"
+    assert main(["eval", str(ckpt), "--data", str(text), "--adaptive", "exit=0.3,deep=0.3", "--adaptive",
+                 "exit=1", "--force-K", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| adaptive exit=0.3,deep=0.3 |" in printed and "Realised compute" in printed
+    rows = {k: v["t"] for k, v in json.loads(out.read_text())["variants"].items()}
+    full, ad, k1, always = rows["trained (K=3)"], rows["adaptive exit=0.3,deep=0.3"], rows["K=1"], rows["adaptive exit=1"]
+    assert ad["deep_flops_per_token"] < full["deep_flops_per_token"] and ad["bpb"] != full["bpb"]
+    assert always["bpb"] == k1["bpb"]  # exit that always triggers is forced K = 1 (plus its halting router)
+    assert always["flops_per_token"] == k1["flops_per_token"] + 2 * (32 + 1) * 2  # 2 layers, one router each
+
+
+def test_adaptive_sweep_writes_csv_and_png_with_the_fixed_K_curve(cli_run, tmp_path, capsys):
+    import csv
+
+    from dualpath.cli import main
+
+    ckpt, text, _ = cli_run
+    out = tmp_path / "sweep"
+    assert main(["eval", str(ckpt), "--data", str(text), "--adaptive-sweep", str(out), "--sweep-exit", "0.5,0.1",
+                 "--sweep-deep", "0.3", "--limit", "2"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / "adaptive_sweep.csv").open()))
+    kinds = [r["kind"] for r in rows]
+    assert kinds == ["full", "fixed_K", "fixed_K"] + ["adaptive"] * 5  # (off, .5, .1) x (off, .3) - (off, off)
+    assert [r["K"] for r in rows[:3]] == ["3", "1", "2"]
+    assert float(rows[0]["deep_flops_saving"]) == 0.0
+    assert all(float(r["deep_flops_saving"]) > 0 for r in rows[1:])
+    assert (out / "adaptive_sweep.png").stat().st_size > 1000
+
+
+def test_generate_cli_takes_the_policy(cli_run, capsys):
+    from dualpath.cli import main
+    from dualpath.eval.evaluate import load_tokenizer
+
+    ckpt, _, tok_json = cli_run
+    tok = load_tokenizer(tok_json.parent)
+    eos = tok.token_to_id("<|endoftext|>")
+    model = _dual(K=3, seed=8)
+    pol = P(exit=0.3, wide=0.4)
+    ids = list(generate_tokens(model, [eos] + tok.encode("ROMEO:").ids, 6, eos_id=eos,
+                               overrides=Overrides(adaptive=pol)))
+    assert ids != list(generate_tokens(model, [eos] + tok.encode("ROMEO:").ids, 6, eos_id=eos))
+    assert main(["generate", str(ckpt), "--prompt", "ROMEO:", "--max-new-tokens", "6", "--temperature", "0",
+                 "--adaptive", str(pol)]) == 0
+    assert capsys.readouterr().out == "ROMEO:" + tok.decode(ids) + "\n"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["eval", "{ckpt}", "--data", "{text}", "--adaptive", "exit=x"], "not a number"),
+    (["eval", "{ckpt}", "--data", "{text}", "--adaptive", "depth=1"], "KEY=VALUE"),
+    (["eval", "{ckpt}", "--data", "{text}", "--adaptive-sweep", "{out}", "--sweep-exit", "-1"], ">= 0"),
+    (["eval", "{wide}", "--data", "{text}", "--adaptive", "exit=0.1"], "loop or dual"),
+    (["eval", "{wide}", "--data", "{text}", "--adaptive-sweep", "{out}"], "loop or dual"),
+    (["eval", "{ckpt}", "--data", "{text}", "{text}", "--adaptive-sweep", "{out}"], "one dataset"),
+    (["generate", "{wide}", "--prompt", "hi", "--adaptive", "exit=0.1"], "loop or dual"),
+    (["generate", "{ckpt}", "--prompt", "hi", "--adaptive", "exit=0.1,,exit=0.2"], "twice"),
+])
+def test_adaptive_cli_errors_are_one_line_and_write_nothing(args, needle, cli_run, tmp_path, capsys):
+    from dualpath.cli import main
+    from helpers import save_tiny_checkpoint
+
+    ckpt, text, tok = cli_run
+    wide = save_tiny_checkpoint(tmp_path / "wide", perturbed_model(tiny_config("wide")), tok)
+    subs = {"{ckpt}": str(ckpt), "{text}": str(text), "{wide}": str(wide), "{out}": str(tmp_path / "sweep")}
+    assert main([subs.get(a, a) for a in args]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not captured.out and not (tmp_path / "sweep").exists()

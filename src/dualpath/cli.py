@@ -152,6 +152,22 @@ def _load_for_inference(path: str):
     return model, tokenizer, ckpt
 
 
+def _adaptive(text: str):
+    from .model import AdaptivePolicy
+
+    try:
+        return AdaptivePolicy.parse(text)
+    except DualPathError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -225,9 +241,12 @@ def cmd_eval(args) -> int:
     if args.out:  # before the evaluation, not after it
         check_output_file(args.out, "--out")
     model, tokenizer, ckpt = _load_for_inference(args.checkpoint)
+    if args.adaptive_sweep:
+        return _adaptive_sweep(args, model, tokenizer)
     gates = [g for g in (args.gates or "").split(",") if g] if args.gates else None
     res = evaluate_datasets(model, tokenizer, args.data, force_K=args.force_K, gates=gates,
-                            extra_steps_gain=args.extra_steps_gain, batch_size=args.batch_size, limit=args.limit, exact_match=not args.no_exact_match,
+                            extra_steps_gain=args.extra_steps_gain, batch_size=args.batch_size, limit=args.limit,
+                            adaptive=args.adaptive, exact_match=not args.no_exact_match,
                             log=None if args.json else (lambda m: print(m, file=sys.stderr)))
     res["checkpoint"] = str(ckpt)
     if args.out:
@@ -239,13 +258,40 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _adaptive_sweep(args, model, tokenizer) -> int:
+    from .eval.adaptive import DEFAULT_DEEP, DEFAULT_EXIT, adaptive_sweep, policy_grid, sweep_markdown, write_sweep
+    from .eval.evaluate import check_tokenizer
+
+    check_tokenizer(tokenizer, model)
+    if len(args.data) != 1:
+        raise DualPathError("--adaptive-sweep evaluates one dataset (--data PATH)")
+    if Path(args.adaptive_sweep).exists() and not Path(args.adaptive_sweep).is_dir():
+        raise DualPathError(f"--adaptive-sweep {args.adaptive_sweep} is a file, not a folder")
+    grid = policy_grid(model.cfg.arch, DEFAULT_EXIT if args.sweep_exit is None else args.sweep_exit,
+                       DEFAULT_DEEP if args.sweep_deep is None else args.sweep_deep, args.sweep_wide or (),
+                       args.sweep_delta or ())
+    rows = adaptive_sweep(model, tokenizer, args.data[0], grid + list(args.adaptive or []),
+                          batch_size=args.batch_size, limit=args.limit, extra_steps_gain=args.extra_steps_gain,
+                          log=None if args.json else (lambda m: print(m, file=sys.stderr)))
+    files = write_sweep(rows, args.adaptive_sweep, title=f"{args.checkpoint} on {args.data[0]}")
+    if args.json:
+        _print_json({"rows": rows, "files": files})
+    else:
+        print(sweep_markdown(rows))
+        print("wrote " + ", ".join(files.values()))
+    return 0
+
+
 def cmd_generate(args) -> int:
     from .generate import generate, prompt_ids
     from .model import Overrides
 
     model, tokenizer, _ = _load_for_inference(args.checkpoint)
     prompt_ids(tokenizer, args.prompt, model.cfg.seq_len)  # too long: an error before anything is printed
-    ov = Overrides(K=args.K, gates=args.gates) if (args.K is not None or args.gates) else None
+    if args.adaptive is not None:
+        args.adaptive.check(model.cfg)
+    ov = (Overrides(K=args.K, gates=args.gates, adaptive=args.adaptive)
+          if (args.K is not None or args.gates or args.adaptive is not None) else None)
     print(args.prompt, end="", flush=True)
     generate(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache, overrides=ov,
@@ -484,6 +530,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=_at_least(1), help="at most this many windows of a prepared folder, examples (per category) "
                    "of a Q/A or synthetic set, or windows of a text file")
     s.add_argument("--no-exact-match", action="store_true", help="skip greedy answer decoding")
+    s.add_argument("--adaptive", type=_adaptive, action="append", metavar="POLICY",
+                   help="adaptive depth (repeatable): exit=ε (leave the loop once the remaining halting mass < ε), "
+                        "deep=τ_d / wide=τ_w (skip a path when its gate < τ), delta=δ (leave once the state "
+                        "changes by < δ); e.g. exit=0.1,deep=0.05 (docs/ADAPTIVE.md)")
+    s.add_argument("--adaptive-sweep", metavar="OUT_DIR", help="BPB vs realised FLOPs and tokens/s over a threshold "
+                   "grid and the fixed-K curve: OUT_DIR/adaptive_sweep.csv and .png")
+    s.add_argument("--sweep-exit", type=_float_list, help="the sweep's ε values (default 0.5,0.3,0.2,0.1,0.05,0.02)")
+    s.add_argument("--sweep-deep", type=_float_list, help="the sweep's τ_d values (default 0.1,0.2)")
+    s.add_argument("--sweep-wide", type=_float_list, help="the sweep's τ_w values (default none)")
+    s.add_argument("--sweep-delta", type=_float_list, help="the sweep's δ values (default none)")
     s.add_argument("--out", help="also write the JSON here")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_eval)
@@ -498,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--K", type=int, help="loop steps at inference (loop and dual models)")
     s.add_argument("--gates", help="dual models: deep-only, wide-only, both=C (C in [0, 1]) or shuffled")
+    s.add_argument("--adaptive", type=_adaptive, metavar="POLICY", help="adaptive depth, e.g. exit=0.1,deep=0.05 "
+                   "(loop and dual models; docs/ADAPTIVE.md)")
     s.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     s.set_defaults(func=cmd_generate)
 

@@ -19,15 +19,16 @@ from ..data.shards import TokenShards
 from ..data.tokenizer import check_same_tokenizer, check_tokenizer, eos_id, load_tokenizer, token_byte_lengths
 from ..errors import DataError
 from ..generate import generate_tokens
-from ..model import Overrides, check_overrides
+from ..model import AdaptivePolicy, FlopTally, Overrides, check_overrides
 
 LN2 = math.log(2.0)
 
 
 @torch.inference_mode()
-def score_sequences(model, seqs: list[list[int]], batch_size: int = 16, overrides: Overrides | None = None
-                    ) -> list[torch.Tensor]:
-    """Per-token losses (nats) of each sequence's tokens after its first, batched with right padding."""
+def score_sequences(model, seqs: list[list[int]], batch_size: int = 16, overrides: Overrides | None = None,
+                    tally: FlopTally | None = None) -> list[torch.Tensor]:
+    """Per-token losses (nats) of each sequence's tokens after its first, batched with right padding (a tally
+    receives the executed FLOPs, padding included)."""
     device = next(model.parameters()).device
     ctx = model.cfg.seq_len
     out: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
@@ -41,14 +42,14 @@ def score_sequences(model, seqs: list[list[int]], batch_size: int = 16, override
         for r, s in enumerate(chunk):
             x[r, :len(s) - 1] = torch.tensor(s[:-1])
             y[r, :len(s) - 1] = torch.tensor(s[1:])
-        res = model(x.to(device), y.to(device), overrides=overrides, return_per_token_loss=True)
+        res = model(x.to(device), y.to(device), overrides=overrides, return_per_token_loss=True, flops=tally)
         for r, i in enumerate(rows):
             out[i] = res.per_token_loss[r, :len(chunk[r]) - 1].float().cpu()
     return out
 
 
 def evaluate_text(model, tokenizer, text: str, batch_size: int = 8, overrides: Overrides | None = None,
-                  max_windows: int | None = None) -> dict:
+                  max_windows: int | None = None, realised: bool = False) -> dict:
     """Loss, perplexity and BPB of raw text, in non-overlapping context-sized windows (the first
     `max_windows` of them when given; BPB then counts the bytes of the scored tokens only)."""
     enc = tokenizer.encode(text)
@@ -61,18 +62,33 @@ def evaluate_text(model, tokenizer, text: str, batch_size: int = 8, overrides: O
         ids = ids[:max_windows * ctx]
         nbytes = len(text[:enc.offsets[len(ids) - 1][1]].encode("utf-8"))
     windows = [[eos_id(tokenizer)] + ids[:ctx]] + [ids[i - 1:i + ctx] for i in range(ctx, len(ids), ctx)]
+    tally = _tally(realised, overrides)
     t0 = time.perf_counter()
-    losses = torch.cat(score_sequences(model, windows, batch_size, overrides))
-    return _summary(losses.double().sum().item(), losses.numel(), nbytes, time.perf_counter() - t0, model, overrides)
+    losses = torch.cat(score_sequences(model, windows, batch_size, overrides, tally))
+    return _summary(losses.double().sum().item(), losses.numel(), nbytes, time.perf_counter() - t0, model, overrides,
+                    tally)
 
 
-def _summary(loss_sum: float, n_tokens: int, n_bytes: int, seconds: float, model, overrides=None) -> dict:
-    """Loss, ppl, BPB, throughput, and the forward FLOPs per token the evaluated variant really spent."""
+def _tally(realised: bool, overrides: Overrides | None) -> FlopTally | None:
+    """A FlopTally when asked for, and always under an adaptive policy (its FLOPs depend on the data)."""
+    return FlopTally() if realised or (overrides is not None and overrides.adaptive is not None) else None
+
+
+def _summary(loss_sum: float, n_tokens: int, n_bytes: int, seconds: float, model, overrides=None,
+             tally: FlopTally | None = None) -> dict:
+    """Loss, ppl, BPB, throughput, and the forward FLOPs per token the evaluated variant really spent: from the
+    tally of the executed passes when there is one (per position run, padding included; also the deep path's
+    share), else from the model's accounting at its context length."""
     loss = loss_sum / max(n_tokens, 1)
-    fpt = model.flops_per_token(model.cfg.seq_len, "true", overrides=overrides)
+    extra = {}
+    if tally is not None:
+        per = tally.per_token()
+        fpt, extra["deep_flops_per_token"] = per["flops_per_token"], per["deep_flops_per_token"]
+    else:
+        fpt = model.flops_per_token(model.cfg.seq_len, "true", overrides=overrides)
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bpb": loss_sum / LN2 / n_bytes if n_bytes else float("nan"),
             "tokens": n_tokens, "bytes": n_bytes, "tokens_per_s": n_tokens / max(seconds, 1e-9),
-            "flops_per_token": fpt, "flops": fpt * n_tokens}
+            "flops_per_token": fpt, "flops": fpt * n_tokens, **extra}
 
 
 def answer_token_mask(tokenizer, text: str, start: int, end: int) -> tuple[list[int], list[bool]]:
@@ -108,8 +124,9 @@ def evaluate_examples(model, tokenizer, examples: list[dict], batch_size: int = 
         seqs.append([eos] + ids)
         masks.append(torch.tensor(mask, dtype=torch.bool))
     bins = _dial_bins(examples)
+    tally = _tally(False, overrides)
     t0 = time.perf_counter()
-    losses = score_sequences(model, seqs, batch_size, overrides)
+    losses = score_sequences(model, seqs, batch_size, overrides, tally)
     acc = defaultdict(lambda: {"loss_sum": 0.0, "tokens": 0, "bytes": 0, "answer_loss_sum": 0.0,
                                "answer_tokens": 0, "correct": 0, "n": 0})
     for ex, loss, mask, extra in zip(examples, losses, masks, bins):
@@ -132,7 +149,8 @@ def evaluate_examples(model, tokenizer, examples: list[dict], batch_size: int = 
     for key, a in acc.items():
         result[key] = {
             "n": a["n"],
-            **{k: v for k, v in _summary(a["loss_sum"], a["tokens"], a["bytes"], seconds, model, overrides).items()
+            **{k: v for k, v in _summary(a["loss_sum"], a["tokens"], a["bytes"], seconds, model, overrides,
+                                         tally).items()
                if k in ("loss", "ppl", "bpb", "tokens", "bytes", "tokens_per_s", "flops")},
             "answer_loss": a["answer_loss_sum"] / max(a["answer_tokens"], 1),
             "accuracy": a["correct"] / a["n"] if exact_match else None,
@@ -208,7 +226,7 @@ def read_jsonl_examples(path: str | Path, question: str = "question", answer: st
 
 @torch.inference_mode()
 def evaluate_shards(model, folder: str | Path, split: str = "val", batch_size: int = 8, max_windows: int | None = None,
-                    overrides: Overrides | None = None) -> dict:
+                    overrides: Overrides | None = None, realised: bool = False) -> dict:
     """Loss, perplexity and exact BPB over consecutive non-overlapping windows of a prepared split."""
     import numpy as np
 
@@ -221,36 +239,42 @@ def evaluate_shards(model, folder: str | Path, split: str = "val", batch_size: i
     byte_len = torch.from_numpy(np.asarray(token_byte_lengths(load_tokenizer(folder)), dtype=np.int64))
     device = next(model.parameters()).device
     loss_sum, n_tok, n_bytes = 0.0, 0, 0
+    tally = _tally(realised, overrides)
     t0 = time.perf_counter()
     for b in range(0, n, batch_size):
         rows = np.stack([shards.get(w * T, T + 1) for w in range(b, min(n, b + batch_size))])
         w = torch.from_numpy(rows.astype(np.int64))
         x, y = w[:, :-1].to(device), w[:, 1:].to(device)
-        out = model(x, y, overrides=overrides, return_per_token_loss=True)
+        out = model(x, y, overrides=overrides, return_per_token_loss=True, flops=tally)
         loss_sum += out.per_token_loss.double().sum().item()
         n_tok += y.numel()
         n_bytes += int(byte_len[y.cpu()].sum())
-    return _summary(loss_sum, n_tok, n_bytes, time.perf_counter() - t0, model, overrides)
+    return _summary(loss_sum, n_tok, n_bytes, time.perf_counter() - t0, model, overrides, tally)
 
 
 def _variants(force_K: list[int] | None, gates: list[str] | None, trained_K: int,
-              extra_steps_gain: str = "last") -> list[tuple[str, Overrides]]:
+              extra_steps_gain: str = "last", adaptive: list[AdaptivePolicy] | None = None
+              ) -> list[tuple[str, Overrides]]:
     rows = [(f"trained (K={trained_K})", Overrides())]
     rows += [(f"K={k}", Overrides(K=k, extra_steps_gain=extra_steps_gain)) for k in (force_K or []) if k != trained_K]
     rows += [(f"gates={g}", Overrides(gates=g)) for g in (gates or [])]
+    rows += [(f"adaptive {p}", Overrides(adaptive=p)) for p in (adaptive or [])]
     return rows
 
 
 def evaluate_datasets(model, tokenizer, data: list[str], *, force_K: list[int] | None = None,
                       gates: list[str] | None = None, extra_steps_gain: str = "last", batch_size: int = 8,
-                      limit: int | None = None,
+                      limit: int | None = None, adaptive: list[AdaptivePolicy] | None = None,
                       exact_match: bool = True, qa_exact_match: bool = True, log=None) -> dict:
     """Evaluate every (variant, dataset) pair. Datasets: a prepared folder (val shards, plus the synthetic
     eval examples when present), a .txt file, or a Q/A .jsonl file (e.g. GSM8K). Variants: the model as
-    trained, each forced K, and each gate override (the paper's ablations)."""
+    trained, each forced K, each gate override (the paper's ablations) and each adaptive policy; with a
+    policy, every row reports the FLOPs its passes really executed (FlopTally)."""
     check_tokenizer(tokenizer, model)
     cfg = model.cfg
     check_overrides(cfg, K=force_K, gates=gates, K_flag="--force-K", gates_flag="--gates")
+    for pol in adaptive or []:
+        pol.check(cfg)
     for name, value in (("--batch-size", batch_size), ("--limit", limit)):
         if value is not None and value < 1:
             raise DataError(f"{name} must be >= 1, got {value}")
@@ -273,16 +297,19 @@ def evaluate_datasets(model, tokenizer, data: list[str], *, force_K: list[int] |
         else:
             raise DataError(f"evaluation data not found: {p}")
     results: dict = {"datasets": [s[0] for s in sources], "variants": {}}
-    for name, ov in _variants(force_K, gates, cfg.K if cfg.arch in ("loop", "dual") else 1, extra_steps_gain):
+    realised = bool(adaptive)
+    for name, ov in _variants(force_K, gates, cfg.K if cfg.arch in ("loop", "dual") else 1, extra_steps_gain,
+                              adaptive):
         row = {}
         for ds, kind, path in sources:
             if log:
                 log(f"evaluating {name} on {ds}")
             if kind == "shards":
-                row[ds] = evaluate_shards(model, path, batch_size=batch_size, max_windows=limit, overrides=ov)
+                row[ds] = evaluate_shards(model, path, batch_size=batch_size, max_windows=limit, overrides=ov,
+                                          realised=realised)
             elif kind == "text":
                 text = path.read_text(encoding="utf-8", errors="replace")
-                row[ds] = evaluate_text(model, tokenizer, text, batch_size, ov, max_windows=limit)
+                row[ds] = evaluate_text(model, tokenizer, text, batch_size, ov, max_windows=limit, realised=realised)
             else:
                 import json
 
@@ -317,6 +344,12 @@ def results_markdown(results: dict) -> str:
     for name, row in results["variants"].items():
         lines.append(f"| {name} | " + " | ".join(f"{row[d]['loss']:.4f}" for d in ds) + " |")
     out = ["Per-token cross-entropy (nats):", "", *lines]
+    if any("deep_flops_per_token" in row[d] for row in results["variants"].values() for d in ds):
+        out += ["", "Realised compute (forward FLOPs per position run, from the executed passes):", "",
+                "| variant | data | BPB | FLOPs/token | deep FLOPs/token | tokens/s |", "|---" * 6 + "|"]
+        out += [f"| {name} | {d} | {row[d]['bpb']:.4f} | {row[d]['flops_per_token']:.4g} | "
+                f"{row[d].get('deep_flops_per_token', float('nan')):.4g} | {row[d]['tokens_per_s']:,.0f} |"
+                for name, row in results["variants"].items() for d in ds]
     first = next(iter(results["variants"].values()))
     extra = []
     for d in ds:
