@@ -354,11 +354,12 @@ def _by_decile(key: np.ndarray, value: np.ndarray, n: int = 10) -> list[float]:
     return [float(value[which == i].mean()) if (which == i).any() else float("nan") for i in range(n)]
 
 
-# (a, b): a − b at the same budget, with a paired bootstrap interval
-COMPARISONS = (("per-token oracle", "random routing"), ("best single pattern", "random routing"),
-               ("per-sequence oracle", "best single pattern"), ("variable-budget oracle", "per-token oracle"),
-               ("trained router", "best single pattern"), ("trained router", "random routing"),
-               ("best of N random patterns", "best single pattern"))
+# (a, b): a − b at the same budget (b = all-big: against all-big), with a paired bootstrap interval
+COMPARISONS = (("per-token oracle", "random routing"), ("per-sequence oracle", "random routing"),
+               ("best single pattern", "random routing"), ("per-sequence oracle", "best single pattern"),
+               ("variable-budget oracle", "per-token oracle"), ("per-token oracle", "all-big"),
+               ("trained router", "best single pattern"), ("trained router", "best of N random patterns"),
+               ("trained router", "random routing"), ("best of N random patterns", "best single pattern"))
 
 
 def comparisons(rows: list[dict], counts: np.ndarray, idx: np.ndarray) -> list[dict]:
@@ -368,7 +369,7 @@ def comparisons(rows: list[dict], counts: np.ndarray, idx: np.ndarray) -> list[d
             if a["method"] != a_m or a["_seq"] is None:
                 continue
             for b in rows:
-                if b["method"] == b_m and b["budget"] == a["budget"] and b["_seq"] is not None:
+                if b["method"] == b_m and (b_m == "all-big" or b["budget"] == a["budget"]) and b["_seq"] is not None:
                     lo, hi = bootstrap_ci(a["_seq"] - b["_seq"], counts, idx)
                     out.append({"a": a_m + (f" {a['router']}" if a.get("router") else ""), "b": b_m,
                                 "budget": a["budget"], "delta": a["loss"] - b["loss"], "ci_low": lo, "ci_high": hi})
