@@ -267,6 +267,60 @@ def test_info_human_readable(capsys, tiny_yaml):
     assert "arch=dual" in out and "deep=64" in out and "wide=128" in out
 
 
+def test_info_of_a_wide_model_does_not_print_K(capsys, tiny_yaml):
+    _, dual, _ = run_cli(capsys, "info", str(tiny_yaml))
+    code, wide, err = run_cli(capsys, "info", str(tiny_yaml), "model.arch=wide")
+    assert code == 0 and err == ""
+    assert "  K=3  " in dual.splitlines()[0] and "K=" not in wide and "arch=wide" in wide
+
+
+def test_solve_states_its_rounding_multiples(capsys):
+    for argv in (["solve"], ["solve", "--table"], ["solve", "--build-multiple", "128", "--multiple", "32"]):
+        code, out, _ = run_cli(capsys, *argv)
+        multiple, build = ("32", "128") if "--multiple" in argv else ("64", "256")
+        assert code == 0 and out.strip().splitlines()[-1] == (
+            f"d_ffn solved in multiples of {multiple} (--multiple); the built SwiGLU hidden widths are multiples "
+            f"of {build} (--build-multiple)")
+
+
+def test_version(capsys):
+    from dualpath import __version__
+
+    assert run_cli(capsys, "--version") == (0, f"dualpath {__version__}\n", "")
+
+
+def test_every_subcommands_help_shows_its_defaults(capsys):
+    import argparse
+
+    from dualpath.cli import build_parser
+
+    def commands(parser, prefix=()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from commands(sub, prefix + (name,))
+        if prefix:
+            yield prefix, parser
+
+    seen = 0
+    for names, parser in commands(build_parser()):
+        if names == ("lm-eval",):
+            continue  # its --help is lm_eval's own
+        code, out, _ = run_cli(capsys, *names, "--help")
+        assert code == 0, names
+        text = " ".join(out.split())
+        for action in parser._actions:
+            d = action.default
+            if not action.option_strings or action.help == argparse.SUPPRESS or d in (None, argparse.SUPPRESS) \
+                    or d is False or d == []:
+                continue
+            if "default" in (action.help or ""):
+                continue  # its help text states it in words
+            assert f"(default: {d})" in text, (names, action.option_strings, d)
+            seen += 1
+    assert seen > 50
+
+
 def assert_one_line_error(code, out, err):
     assert code == 2
     assert out == ""

@@ -483,7 +483,7 @@ def test_lm_eval_cli_hf(world, tmp_path):
 def test_lm_eval_cli_native_wrapper(world, tmp_path):
     f = tmp_path / "small.txt"
     f.write_text("First Citizen:\nBefore we proceed.\n\nAll:\nSpeak, speak.\n")
-    cmd = [sys.executable, "-m", "dualpath.eval.lm_eval", "--model", "dualpath", "--model_args",
+    cmd = [sys.executable, "-m", "dualpath", "lm-eval", "--model", "dualpath", "--model_args",  # as the README
            f"checkpoint={world['run']},K=1,gates=both=0.5", "--device", "cpu", "--tasks", "dualpath_text_ppl",
            "--metadata", json.dumps({"text_path": str(f)}), "--output_path", str(tmp_path / "out")]
     res = _run(cmd, tmp_path)["results"]
@@ -494,3 +494,19 @@ def test_lm_eval_cli_native_wrapper(world, tmp_path):
     assert ref["word_perplexity"] != pytest.approx(text_metrics(world, docs)["word_perplexity"], rel=1e-2)
     for key in ("bits_per_byte", "byte_perplexity", "word_perplexity"):
         assert res["dualpath_text_ppl"][f"{key},none"] == pytest.approx(ref[key], rel=1e-5), key
+
+
+def test_lm_eval_cli_checks_task_data_before_lm_eval_starts(world, tmp_path, capsys):
+    from dualpath.cli import main
+
+    missing = tmp_path / "missing.txt"
+    argv = ["lm-eval", "--model", "dualpath", "--model_args", f"checkpoint={world['run']}", "--tasks",
+            "dualpath_text_ppl", "--metadata", json.dumps({"text_path": str(missing)})]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: test file not found: {missing} (set it with --metadata " \
+        "'{\"text_path\": \"PATH\"}' or DUALPATH_TEXT_PATH)\n"
+    argv[4] = f"checkpoint={tmp_path / 'no_run'}"
+    argv[-1] = json.dumps({"text_path": str(WIKITEXT)})
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"error: checkpoint not found: {tmp_path / 'no_run'}\n"

@@ -6,16 +6,43 @@ Bad input (config, data, checkpoint, argument) ends with one line on stderr and 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import ConfigError, DualPathError
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help, except unset ones (None, off switches, empty lists) and help texts
+    that already state theirs."""
+
+    def _format_action(self, action):
+        if action.help is None and action.option_strings and self._shows_default(action):
+            action = copy.copy(action)  # argparse shows nothing for an option without a help text
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    @staticmethod
+    def _shows_default(action) -> bool:
+        d = action.default  # (0 is a default to show; None, an off switch and an empty list are not)
+        return d is not argparse.SUPPRESS and d is not None and d is not False and d != []
+
+    def _get_help_string(self, action):
+        if not self._shows_default(action) or "default" in (action.help or ""):
+            return action.help
+        return (action.help + " " if action.help else "") + "(default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line, exit 2, no usage dump
         raise SystemExit(_fail(f"{self.prog}: {message}"))
 
@@ -49,6 +76,7 @@ def cmd_solve(args) -> int:
             print(f"Iso-FLOP grid at F_M = {args.budget:.4g} ({args.match} FLOPs, T={args.seq_len}), "
                   f"d={args.d_model}, L={args.n_layers}")
             print(table_markdown(rows))
+            print(_rounding_note(args))
         return 0
     r = solve(backbone, args.budget, args.arch, K=args.K, alpha=args.alpha, **kw)
     r = {k: v for k, v in r.items() if k != "config"}
@@ -56,7 +84,13 @@ def cmd_solve(args) -> int:
         _print_json(r)
     else:
         print(table_markdown([r]))
+        print(_rounding_note(args))
     return 0
+
+
+def _rounding_note(args) -> str:
+    return (f"d_ffn solved in multiples of {args.multiple} (--multiple); the built SwiGLU hidden widths are "
+            f"multiples of {args.build_multiple} (--build-multiple)")
 
 
 def _config_path(path: str) -> Path:
@@ -91,8 +125,9 @@ def cmd_info(args) -> int:
         _print_json(info)
         return 0
     p = info["params"]
+    loops = f"K={m.K}  " if m.arch in ("loop", "dual") else ""  # a wide model has no deep path to loop
     print(f"arch={m.arch}  d_model={m.d_model}  n_layers={m.n_layers}  heads={m.n_heads}/{m.n_kv_heads}  "
-          f"K={m.K}  seq_len={T}")
+          f"{loops}seq_len={T}")
     print(f"hidden widths: deep={info['hidden_deep']}  wide={info['hidden_wide']}")
     print("params: " + "  ".join(f"{k}={v:,}" for k, v in p.items() if v))
     print(f"paper FLOPs per layer: {info['flops_paper_per_layer'][0]:,.0f}")
@@ -451,6 +486,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dualpath", description="Dual-Path and Duo-LLM language models: solve, train, evaluate, analyse.")
+    p.add_argument("--version", action="version", version=f"dualpath {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("solve", help="solve FFN widths for a per-layer FLOP budget (iso-FLOP matching)")
@@ -657,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("lm-eval", help="lm-evaluation-harness with the native `dualpath` model type registered "
-                       "(arguments pass through to lm_eval)")
+                       "(arguments, --help included, pass through to lm_eval)", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_lm_eval)
 
@@ -707,6 +743,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
+        if args.command == "lm-eval":  # lm_eval's own flags, --help included, pass through as given
+            argv = sys.argv[1:] if argv is None else list(argv)
+            args.rest, extra = argv[argv.index("lm-eval") + 1:], []
         # key=value overrides may also follow the flags
         if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
             args.overrides = list(args.overrides) + extra

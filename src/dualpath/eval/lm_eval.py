@@ -276,10 +276,12 @@ register()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The lm_eval CLI with "dualpath" registered and the dualpath tasks included (unless --include_path)."""
-    from lm_eval.__main__ import cli_evaluate
+    """The lm_eval CLI with "dualpath" registered and the dualpath tasks included (unless --include_path).
+    The data files of the dualpath tasks and a dualpath checkpoint are checked before lm-eval starts."""
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
 
-    from .tasks import TASKS_DIR
+    from .tasks import TASKS_DIR, check_task_data
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and not any(a == "--include_path" or a.startswith("--include_path=") for a in args) \
@@ -287,7 +289,17 @@ def main(argv: list[str] | None = None) -> int:
         args += ["--include_path", str(TASKS_DIR)]
     sys.argv = ["lm_eval"] + args
     try:
-        cli_evaluate()
+        parser = HarnessCLI()
+        parsed = parser.parse_args()
+        if getattr(parsed, "command", None) == "run":
+            model_args = parsed.model_args if isinstance(parsed.model_args, dict) else {}
+            check_task_data(parsed.tasks or [], {**model_args, **(parsed.metadata or {})})
+            if parsed.model == MODEL_NAME and model_args.get("checkpoint"):
+                from ..checkpoint import resolve
+
+                resolve(model_args["checkpoint"])
+        setup_logging()
+        parser.execute(parsed)
     except DualPathError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -14,6 +14,10 @@ from pathlib import Path
 
 TASKS_DIR = Path(__file__).resolve().parent
 TASKS = ("dualpath_gsm8k_local", "dualpath_text_ppl", "dualpath_synthetic_cloze")
+# each task's test file: its metadata key and environment variable (utils.py reads them the same way)
+TASK_FILES = {"dualpath_gsm8k_local": ("gsm8k_path", "DUALPATH_GSM8K_PATH"),
+              "dualpath_text_ppl": ("text_path", "DUALPATH_TEXT_PATH"),
+              "dualpath_synthetic_cloze": ("cloze_path", "DUALPATH_CLOZE_PATH")}
 
 
 def task_manager(metadata: dict | None = None, **kwargs):
@@ -21,3 +25,21 @@ def task_manager(metadata: dict | None = None, **kwargs):
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(TASKS_DIR), metadata=metadata, **kwargs)
+
+
+def check_task_data(tasks: list[str], metadata: dict) -> None:
+    """DataError naming the missing test file of a dualpath task (from metadata, its environment variable or its
+    YAML's data_files), before lm-eval builds anything."""
+    import yaml
+
+    from .utils import _pick_path
+
+    class _Loader(yaml.SafeLoader):  # the YAMLs' `!function utils.x` tags are lm-eval's, not data
+        pass
+
+    _Loader.add_constructor("!function", lambda loader, node: None)
+    for task in tasks:
+        if task in TASK_FILES:
+            key, env = TASK_FILES[task]
+            spec = yaml.load((TASKS_DIR / f"{task}.yaml").read_text(), Loader=_Loader)
+            _pick_path({**metadata, **spec.get("dataset_kwargs", {})}, key, env, "test")
