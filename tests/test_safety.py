@@ -428,7 +428,7 @@ def models(tmp_path_factory) -> dict:
     (["--temperature", "nan"], "--temperature: must be a finite number"),
     (["--top-p", "2"], "--top-p: must be a finite number in (0, 1]"),
     (["--top-k", "0"], "--top-k: must be >= 1"),
-    (["--K", "0"], "--K 0 is outside 1..max_loops"),
+    (["--K", "0"], "--K=0 is outside 1..max_loops"),
     (["--prompt", ""], "--prompt: is empty"),
     (["--prompt", "word " * 40], "the prompt has"),  # longer than the 16-token context: nothing echoed
 ])

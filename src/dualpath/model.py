@@ -256,7 +256,7 @@ def check_overrides(cfg: "ModelConfig", *, K: int | list[int] | None = None, gat
         raise ConfigError(f"{K_flag} needs a loop or dual model; this one is {cfg.arch}")
     for k in ks:
         if not 1 <= k <= cfg.max_loops:
-            raise ConfigError(f"{K_flag} {k} is outside 1..max_loops={cfg.max_loops} of this model")
+            raise ConfigError(f"{K_flag}={k} is outside 1..max_loops={cfg.max_loops} of this model")
     if modes and cfg.arch != "dual":
         raise ConfigError(f"{gates_flag} needs a dual model; this one is {cfg.arch}")
     for g in modes:

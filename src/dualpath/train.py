@@ -1,5 +1,6 @@
 """The trainer. It knows nothing about a specific architecture: it needs a config with `build()`, and a model
-whose forward returns an object with `.loss` (and `.per_token_loss` on request), that reports
+whose forward takes `sample_keys` (one key per sample for any random draw) and returns an object with `.loss`
+(and `.per_token_loss` on request), that reports
 `train_flops_per_token(seq_len)`, `param_counts()` and `named_param_roles()`, and optionally
 `summary_metrics(idx)` for the log at every log step and `summary_sums(out)` / `summary_from_sums(sums)` for
 statistics over the val windows at every eval. Parallelism is applied from `parallel.py`.
@@ -552,8 +553,8 @@ def _train_locked(cfg: RunConfig, d: Dist, device, raw: nn.Module, batches: Batc
 
 
 def _sample_keys(seed: int, step: int, first_window: int, count: int, device) -> torch.Tensor:
-    """(count, 3) keys (seed, step, global window index) of the samples first_window.., for random routing
-    drawn per sample (see DualPathLM.forward's sample_keys)."""
+    """(count, 3) keys (seed, step, global window index) of the samples first_window..: the model draws any
+    per-sample randomness from them, so a sample is treated alike under any rank/accumulation split."""
     keys = torch.empty(count, 3, dtype=torch.long)
     keys[:, 0], keys[:, 1] = seed, step
     keys[:, 2] = torch.arange(first_window, first_window + count)

@@ -283,10 +283,12 @@ def corpus_from_shards(name: str, folder: str | Path, tokenizer, *, max_tokens: 
     """The first `max_tokens` tokens (default DEFAULT_DATA_TOKENS) of a prepared folder's val split
     (train if it has no val shards), cut into documents at EOS tokens; the text is rebuilt from the tokens."""
     from ..data.shards import TokenShards, find_shards
+    from ..data.tokenizer import check_same_tokenizer
 
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"data folder not found: {folder}")
+    check_same_tokenizer(folder, tokenizer, "the checkpoint")
     split = "val" if find_shards(folder, "val") else "train"
     shards = TokenShards(folder, split)
     n = min(shards.n_tokens, max_tokens or DEFAULT_DATA_TOKENS)

@@ -93,6 +93,7 @@ class DualPathEvalLM(TemplateLM):
         from ..data.tokenizer import check_tokenizer, find_eos, load_tokenizer
         from ..model import Overrides
 
+        from ..model import check_overrides
         if kwargs:
             raise DualPathError(f"unknown model_args for --model dualpath: {', '.join(sorted(kwargs))} "
                                 "(checkpoint, K, gates, gate_seed, device, dtype, batch_size, max_length, "
@@ -113,15 +114,10 @@ class DualPathEvalLM(TemplateLM):
         check_tokenizer(self.tokenizer, self.model, f"the tokenizer in {folder}")
 
         K = _int_or_none(K, "K")
-        if K is not None and not 1 <= K <= self.cfg.max_loops:
-            raise DualPathError(f"model_args K={K} is outside 1..max_loops={self.cfg.max_loops}")
         if gates in ("", "none", "None"):
             gates = None
+        check_overrides(self.cfg, K=K, gates=gates, K_flag="model_args K", gates_flag="model_args gates")
         self.overrides = Overrides(K=K, gates=gates, seed=_int_or_none(gate_seed, "gate_seed") or 0)
-        try:
-            self.overrides.gate_constants()
-        except ValueError as e:
-            raise DualPathError(f"model_args gates: {e}") from None
 
         bs = str(batch_size)
         if bs.startswith("auto"):
