@@ -1191,6 +1191,20 @@ class DuoLayer(nn.Module):
         shape = (B, T) if cfg.duo_granularity == "token" else (B, 1)
         return self._random_codes(torch.rand(shape, device=x.device)).expand(B, T), None
 
+    def _random_codes(self, u):
+        cfg = self.cfg
+        return torch.where(u < cfg.p_big, BIG, torch.where(u < cfg.p_big + cfg.p_small, SMALL, SKIP))
+
+    def keyed_choice(self, keys: torch.Tensor, T: int) -> torch.Tensor | None:
+        """The random policy's choice (B, T) drawn from per-sample keys (B, n) (see keyed_uniform): a sample's
+        routing depends on its key alone, not on how samples are split into ranks or micro-batches. None
+        for the other policies."""
+        if self.cfg.duo_policy != "random":
+            return None
+        u = keyed_uniform(keys, self.index, T if self.cfg.duo_granularity == "token" else 1)
+        return self._random_codes(u).expand(keys.shape[0], T)
+
+
     def attend(self, x, rope, cache=None):
         return x + self.attn(self.attn_norm(x), rope, cache, (self.index, "duo", 0))
 
