@@ -421,3 +421,39 @@ def test_tied_embeddings(hf_world, tmp_path):
     ids = sample_ids(seed=8)
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, native(ids).logits, rtol=0, atol=ATOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# Adaptive depth (docs/ADAPTIVE.md): the policy travels in config.json and runs exactly as natively
+
+
+@pytest.mark.parametrize("arch,policy", [("dual", "exit=0.3,deep=0.3,wide=0.4"), ("loop", "exit=0.3,delta=0.5")])
+def test_adaptive_policy_from_the_export_equals_native(hf_world, tmp_path, arch, policy):
+    from dualpath.model import AdaptivePolicy
+
+    pol = AdaptivePolicy.parse(policy)
+    out = export_hf(hf_world["runs"][arch], tmp_path / "adaptive", adaptive=policy)
+    assert json.loads((out / "config.json").read_text())["adaptive"] == str(pol)
+    native, _, _ = load_model(hf_world["runs"][arch])
+    ids = sample_ids(seed=4)
+    hf = load_hf(out)
+    with torch.no_grad():
+        a = native(ids, overrides=Overrides(adaptive=pol)).logits
+        torch.testing.assert_close(hf(ids).logits, a, rtol=0, atol=ATOL)
+        assert (a - native(ids).logits).abs().max() > 1e-3, "the policy had no effect"
+        torch.testing.assert_close(load_hf(out, adaptive=None)(ids).logits, native(ids).logits, rtol=0, atol=ATOL)
+    prompt = ids[0, :8].tolist()
+    got = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, 8:].tolist()
+    assert got == list(generate_tokens(native, prompt, 8, overrides=Overrides(adaptive=pol)))[:len(got)]
+    # the default export runs the full model; from_pretrained(..., adaptive=...) switches a policy on
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(hf_world["exports"][arch], adaptive=policy)(ids).logits, a, rtol=0,
+                                   atol=ATOL)
+
+
+def test_adaptive_policy_errors(hf_world, tmp_path):
+    with pytest.raises(DualPathError, match="loop or dual"):
+        export_hf(hf_world["runs"]["wide"], tmp_path / "w", adaptive="exit=0.1")
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        load_hf(hf_world["exports"]["dual"], adaptive="depth=2")

@@ -218,6 +218,24 @@ def test_native_K_and_gates_equal_hf_model_args(world):
     assert abs(a - b) < 1e-4
 
 
+def test_native_adaptive_policy_equals_hf_model_args(world):
+    """adaptive=exit=.../deep=... ("/" between the keys: model_args splits on commas) runs the policy in both
+    models; the lm-eval string parser hands the value over whole."""
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.utils import simple_parse_args_string
+
+    args = simple_parse_args_string(f"checkpoint={world['run']},adaptive=exit=0.3/deep=0.3")
+    native = DualPathEvalLM(**args)
+    assert str(native.overrides.adaptive) == "exit=0.3,deep=0.3"
+    hf = HFLM(**hf_args(world, adaptive="exit=0.3/deep=0.3"), device="cpu")
+    reqs = _instances("loglikelihood_rolling", [("Before we proceed any further, hear me speak.",)])
+    a, b, c = (lm.loglikelihood_rolling(reqs, disable_tqdm=True)[0]
+               for lm in (native, hf, DualPathEvalLM(**native_args(world))))
+    assert abs(a - b) < 1e-4 and abs(a - c) > 1e-3
+    with pytest.raises(DualPathError, match="KEY=VALUE"):
+        DualPathEvalLM(**native_args(world), adaptive="depth=1")
+
+
 def test_native_model_args_are_checked(world):
     with pytest.raises(DualPathError, match="needs model_args checkpoint"):
         DualPathEvalLM()

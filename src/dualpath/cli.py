@@ -352,7 +352,8 @@ def cmd_sweep(args) -> int:
             print(path)
         return 0
     if args.dry_run:
-        print(dry_run(sweep, plan(sweep)))
+        print(dry_run(sweep, plan(sweep), device_kind=args.device_kind,
+                      processes=slurm.processes if args.launcher == "slurm" else 1))
         return 0
     if args.status:
         print(launch.status_table(plan(sweep)))
@@ -386,7 +387,7 @@ def cmd_analyze(args) -> int:
 def cmd_export(args) -> int:
     from .hf import export_hf
 
-    out = export_hf(args.checkpoint, args.hf, overwrite=args.overwrite)
+    out = export_hf(args.checkpoint, args.hf, overwrite=args.overwrite, adaptive=args.adaptive)
     print(f"exported to {out}  (AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True))")
     return 0
 
@@ -664,6 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=0, help="CPU threads per run (0: local, the cores over --jobs; "
                    "slurm, the job's CPUs)")
     s.add_argument("--dry-run", action="store_true", help="print the grid, params, FLOPs and estimated time")
+    s.add_argument("--device-kind", help="--dry-run's device: cpu or a GPU (H100, H200, A100, L40S, A10, 4090); "
+                   "by default base.train.device's, an H100 for cuda on a machine without one")
     s.add_argument("--aggregate-only", action="store_true", help="only rebuild results.csv/.md and plots")
     s.add_argument("--emit-configs", metavar="DIR", help="write one training config per grid point")
     s.add_argument("--status", action="store_true", help="each run's state: pending, running (step, ETA), done, "
@@ -690,6 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint")
     s.add_argument("--hf", metavar="OUT_DIR", required=True, help="write a transformers model folder")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    s.add_argument("--adaptive", type=_adaptive, metavar="POLICY", help="an adaptive-depth policy the exported "
+                   "config runs by default, e.g. exit=0.1,deep=0.05 (docs/ADAPTIVE.md)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("lm-eval", help="lm-evaluation-harness with the native `dualpath` model type registered "

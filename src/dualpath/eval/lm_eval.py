@@ -19,7 +19,8 @@ model_args: checkpoint (run, checkpoints or step folder; required), K (deep-path
 (deep-only | wide-only | both=C | shuffled), gate_seed, device (cpu | cuda[:N]; cuda falls back to cpu
 when there is none), dtype (float32 | bfloat16 | float16), batch_size, max_length (default: the model's
 seq_len), max_gen_toks (default 256), add_bos_token (prepend <|endoftext|> to contexts; default False,
-as the hf model does), seed (sampling, when a task asks for do_sample).
+as the hf model does), seed (sampling, when a task asks for do_sample), adaptive (an adaptive-depth policy,
+keys joined by "/" since model_args splits on commas: adaptive=exit=0.1/deep=0.05; docs/ADAPTIVE.md).
 """
 
 from __future__ import annotations
@@ -87,17 +88,18 @@ class DualPathEvalLM(TemplateLM):
 
     def __init__(self, checkpoint: str | None = None, K=None, gates: str | None = None, gate_seed=0,
                  device: str | None = "cpu", dtype: str = "float32", batch_size=8, max_batch_size=None,
-                 max_length=None, max_gen_toks=256, add_bos_token: bool = False, seed=None, **kwargs):
+                 max_length=None, max_gen_toks=256, add_bos_token: bool = False, seed=None, adaptive=None,
+                 **kwargs):
         super().__init__()
         from ..checkpoint import load_model
         from ..data.tokenizer import check_tokenizer, find_eos, load_tokenizer
-        from ..model import Overrides
-
         from ..model import check_overrides
+        from ..model import AdaptivePolicy, Overrides
+
         if kwargs:
             raise DualPathError(f"unknown model_args for --model dualpath: {', '.join(sorted(kwargs))} "
                                 "(checkpoint, K, gates, gate_seed, device, dtype, batch_size, max_length, "
-                                "max_gen_toks, add_bos_token, seed)")
+                                "max_gen_toks, add_bos_token, seed, adaptive)")
         if not checkpoint:
             raise DualPathError("--model dualpath needs model_args checkpoint=PATH")
         self._device = _resolve_device(device)
@@ -117,7 +119,8 @@ class DualPathEvalLM(TemplateLM):
         if gates in ("", "none", "None"):
             gates = None
         check_overrides(self.cfg, K=K, gates=gates, K_flag="model_args K", gates_flag="model_args gates")
-        self.overrides = Overrides(K=K, gates=gates, seed=_int_or_none(gate_seed, "gate_seed") or 0)
+        policy = AdaptivePolicy.parse(str(adaptive)).check(self.cfg) if adaptive not in (None, "") else None
+        self.overrides = Overrides(K=K, gates=gates, seed=_int_or_none(gate_seed, "gate_seed") or 0, adaptive=policy)
 
         bs = str(batch_size)
         if bs.startswith("auto"):

@@ -14,6 +14,8 @@ can set:
     extra_steps_gain  "last" | "own": the gain of steps beyond trained_K (see `Overrides`)
     gates             None | a gate mode of `Overrides` (dual only)
     gate_seed         seed of the shuffled gate modes
+    adaptive          None | an adaptive-depth policy string, e.g. "exit=0.1,deep=0.05" (`AdaptivePolicy`;
+                      loop and dual only); `dualpath export --adaptive POLICY` writes one into config.json
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import dataclasses
 from transformers import PretrainedConfig
 
 from ..errors import CheckpointError, ConfigError
-from ..model import GATE_MIXES, ModelConfig, check_gate_override
+from ..model import GATE_MIXES, AdaptivePolicy, ModelConfig, check_gate_override
 
 # The layout of config.json. Tracks dualpath.checkpoint.CONFIG_VERSION (a test keeps them equal).
 # Raise it, and extend `upgrade_fields`, whenever a ModelConfig field is renamed or changes meaning.
@@ -50,6 +52,18 @@ def check_gates(gates) -> None:
         raise ValueError(f"gates={gates!r} is not one of {GATE_OVERRIDES}") from None
 
 
+def check_adaptive(adaptive) -> str | None:
+    """The policy in its canonical spelling (None when absent or inert); ValueError when it does not parse."""
+    if adaptive is None or isinstance(adaptive, AdaptivePolicy):
+        policy = adaptive
+    else:
+        try:
+            policy = AdaptivePolicy.parse(str(adaptive))
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+    return None if policy is None or policy == AdaptivePolicy() else str(policy)
+
+
 class DualPathConfig(PretrainedConfig):
     model_type = "dualpath"
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -62,7 +76,8 @@ class DualPathConfig(PretrainedConfig):
     }
 
     def __init__(self, gates: str | None = None, gate_seed: int = 0, trained_K: int | None = None,
-                 extra_steps_gain: str = "last", dualpath_config_version: int = DUALPATH_CONFIG_VERSION, **kwargs):
+                 extra_steps_gain: str = "last", adaptive: str | None = None,
+                 dualpath_config_version: int = DUALPATH_CONFIG_VERSION, **kwargs):
         try:
             version = int(dualpath_config_version)
         except (TypeError, ValueError):
@@ -85,6 +100,7 @@ class DualPathConfig(PretrainedConfig):
         if extra_steps_gain not in ("last", "own"):
             raise ValueError(f"extra_steps_gain={extra_steps_gain!r} is not one of last, own")
         self.extra_steps_gain = extra_steps_gain
+        self.adaptive = check_adaptive(adaptive)
         self.dualpath_config_version = DUALPATH_CONFIG_VERSION  # upgraded on load
         kwargs["tie_word_embeddings"] = bool(self.tie_embeddings)
         kwargs.setdefault("use_cache", True)

@@ -92,8 +92,12 @@ def _readme(cfg, ckpt: Path, eos: str) -> str:
             f"1..{m.max_loops}), `gates` (deep-only | wide-only | both=C | shuffled, dual only), `gate_seed`.\n")
 
 
-def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False,
+              adaptive=None) -> Path:
     """Export a dualpath checkpoint (run, checkpoints or step folder) as a Hugging Face model folder.
+
+    adaptive: an AdaptivePolicy (or its string) the exported config runs by default (from_pretrained(...,
+    adaptive=None) turns it off).
 
     Returns the output folder. Raises CheckpointError for a missing/corrupt checkpoint, a checkpoint without
     tokenizer.json, or a non-empty out_dir without overwrite.
@@ -125,6 +129,11 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwri
         raise CheckpointError(f"cannot read {tok_path}: {str(e).splitlines()[0][:160] if str(e) else e}") from None
     check_vocab(raw_tok.get_vocab_size(), cfg.model.vocab_size, f"the tokenizer in {ckpt}")
     eos_id, eos = find_eos(raw_tok, "the checkpoint's tokenizer")
+    if adaptive is not None:  # before anything is written
+        from ..model import AdaptivePolicy
+
+        adaptive = str((adaptive if isinstance(adaptive, AdaptivePolicy) else AdaptivePolicy.parse(str(adaptive)))
+                       .check(cfg.model))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -137,7 +146,7 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwri
         save_file({f"model.{k}": v for k, v in state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
 
-        hf_cfg = DualPathConfig(**{k: v for k, v in vars(cfg.model).items()}, bos_token_id=eos_id,
+        hf_cfg = DualPathConfig(**{k: v for k, v in vars(cfg.model).items()}, adaptive=adaptive, bos_token_id=eos_id,
                                 eos_token_id=eos_id, pad_token_id=eos_id)
         hf_cfg.architectures = ["DualPathForCausalLM"]
         hf_cfg.auto_map = {"AutoConfig": "configuration_dualpath.DualPathConfig",

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..model import DualPathLM, KVCache, Overrides, init_module
-from .configuration_dualpath import DualPathConfig, check_gates
+from ..model import AdaptivePolicy, DualPathLM, KVCache, Overrides, init_module
+from .configuration_dualpath import DualPathConfig, check_adaptive, check_gates
 
 class DualPathCache:
     """The KV cache of one generation: a KVCache for the whole batch, or one per row once padding appears.
@@ -85,6 +85,9 @@ class DualPathForCausalLM(DualPathPreTrainedModel, GenerationMixin):
         config.K = int(config.K)
         config.gate_seed = int(config.gate_seed)
         check_gates(config.gates)
+        config.adaptive = check_adaptive(getattr(config, "adaptive", None))
+        if config.adaptive is not None:
+            AdaptivePolicy.parse(config.adaptive).check(config.to_model_config())
         if not 1 <= config.K <= config.max_loops:
             raise ValueError(f"K={config.K} is outside 1..max_loops={config.max_loops}")
         self.model = DualPathLM(config.to_model_config())
@@ -105,11 +108,13 @@ class DualPathForCausalLM(DualPathPreTrainedModel, GenerationMixin):
         self.model.lm_head = value
 
     def overrides(self) -> Overrides:
-        """The inference overrides the config asks for (K, gates); read on every forward."""
+        """The inference overrides the config asks for (K, gates, adaptive); read on every forward."""
         c = self.config
         K = c.K if c.arch in ("loop", "dual") else None
+        adaptive = getattr(c, "adaptive", None)
         return Overrides(K=K, gates=c.gates if c.arch == "dual" else None, seed=c.gate_seed,
-                         extra_steps_gain=c.extra_steps_gain)
+                         extra_steps_gain=c.extra_steps_gain,
+                         adaptive=AdaptivePolicy.parse(adaptive) if adaptive else None)
 
     # -- forward ---------------------------------------------------------------------------------
 
