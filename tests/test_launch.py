@@ -266,3 +266,43 @@ def test_status_of_a_slurm_job_that_left_the_queue(tmp_path, data_dir, slurm, ca
     (folder / "run.log").write_text("RuntimeError: CUDA out of memory\n")
     assert main(["sweep", str(path), "--status"]) == 0
     assert "| failed | Slurm job 987654_0: RuntimeError: CUDA out of memory |" in capsys.readouterr().out
+
+
+def _estimated_hours(out: str) -> float:
+    line = out.strip().splitlines()[-1]
+    return float(line.split("estimated wall time ")[1].split(" h")[0])
+
+
+def test_dry_run_estimates_gpu_configs_at_a_gpu_throughput(tmp_path, data_dir, capsys):  # noqa: F811
+    from dualpath.perf import GPU_PEAKS
+
+    path = _tiny(tmp_path, data_dir, "gpu")
+    runs = plan(load_sweep(path))
+    flops = sum(r.target_flops for r in runs)
+    assert main(["sweep", str(path), "base.train.device=cuda", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "MFU 0.5 of H100's bf16 spec-sheet peak (989 TFLOP/s)" in out
+    assert _estimated_hours(out) == pytest.approx(flops / (0.5 * GPU_PEAKS["H100"]) / 3600, abs=0.06)
+    # eight GPUs per run on Slurm, another kind
+    assert main(["sweep", str(path), "--dry-run", "--device-kind", "A100", "--launcher", "slurm",
+                 "--slurm-gpus-per-node", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "each on 8 process(es) at 156 TFLOP/s: MFU 0.5 of A100's bf16 spec-sheet peak" in out
+    assert main(["sweep", str(path), "--dry-run", "--device-kind", "TPU"]) == 2
+    assert "--device-kind must be cpu or one of H100" in capsys.readouterr().err
+
+
+def test_dry_run_uses_the_throughput_its_runs_measured(tmp_path, data_dir, capsys):  # noqa: F811
+    path = _tiny(tmp_path, data_dir, "measured")
+    runs = plan(load_sweep(path))
+    folder = Path(runs[0].config.train.out_dir)
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text(
+        json.dumps({"step": 0, "event": "start", "device": "cpu", "train_flops_per_token": 2.0e6,
+                    "total_steps": 256, "tokens_per_step": 128}) + "\n"
+        + json.dumps({"step": 4, "tokens_per_s": 5000.0}) + "\n")
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "at 0.01 TFLOP/s: measured by 1 run(s) of this sweep on cpu" in out
+    expected_minutes = runs[1].target_flops / 1e10 / 60
+    assert f"| {expected_minutes:.1f} | to train |" in out

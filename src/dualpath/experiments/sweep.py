@@ -286,12 +286,63 @@ def prepare_dial_data(sweep: SweepConfig, log=print) -> None:
                 seed=0)
 
 
-def dry_run(sweep: SweepConfig, runs: list[Run]) -> str:
-    """The grid with each run's cost and state, and the wall time of what is left to train."""
-    from ..checkpoint import find_latest
-    from ..perf import measure_gemm_peak
+def throughput(sweep: SweepConfig, runs: list[Run], device_kind: str | None = None) -> tuple[float, str]:
+    """(training FLOP/s of one run, where it comes from) on the device kind the sweep targets (device_kind: cpu
+    or a GPU name of perf.GPU_PEAKS; default: base.train.device, `auto` being this machine's): measured by the
+    sweep's own runs on that kind when some have logged steps, else the GPU's spec-sheet peak or this machine's
+    measured GEMM peak, times assumed_mfu."""
+    import statistics
 
+    import torch
+
+    from ..perf import GPU_PEAKS, measure_gemm_peak
+
+    device = sweep.base.train.device
+    if device_kind is not None:
+        kind = device_kind
+    elif device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        kind = torch.cuda.get_device_name() if torch.cuda.is_available() else "H100"
+    else:
+        kind = "cpu"
+    gpu = kind != "cpu"
+    measured = []
+    for r in runs:  # achieved FLOP/s = tokens/s x training FLOPs per token, from the runs' own logs
+        try:
+            lines = (Path(r.config.train.out_dir) / "metrics.jsonl").read_text().splitlines()
+        except OSError:
+            continue
+        start = rate = None
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("event") == "start":
+                start = rec
+            elif "tokens_per_s" in rec:
+                rate = rec["tokens_per_s"]
+        if start and rate and str(start.get("device", "")).startswith("cuda") == gpu and \
+                (not gpu or kind in str(start.get("peak_source", kind))):
+            measured.append(rate * start["train_flops_per_token"])
+    if measured:
+        return statistics.median(measured), f"measured by {len(measured)} run(s) of this sweep on {kind}"
+    if gpu:
+        peak = next((v for k, v in GPU_PEAKS.items() if k.lower() in kind.lower()), None)
+        if peak is None:
+            raise ConfigError(f"--device-kind must be cpu or one of {', '.join(GPU_PEAKS)}, got '{kind}'")
+        return peak * sweep.assumed_mfu, f"MFU {sweep.assumed_mfu} of {kind}'s bf16 spec-sheet peak " \
+                                         f"({peak / 1e12:.0f} TFLOP/s)"
     peak = measure_gemm_peak("cpu", seconds=0.3)
+    return peak * sweep.assumed_mfu, f"MFU {sweep.assumed_mfu} of a measured {peak / 1e9:.0f} GFLOP/s GEMM peak " \
+                                     "on this machine's CPU"
+
+
+def dry_run(sweep: SweepConfig, runs: list[Run], device_kind: str | None = None, processes: int = 1) -> str:
+    """The grid with each run's cost and state, and the wall time of what is left to train, at the throughput
+    of the target device kind (see `throughput`) times the processes (GPUs) of one run."""
+    from ..checkpoint import find_latest
+
+    rate, source = throughput(sweep, runs, device_kind)
     lines = [f"protocol: {sweep.protocol} (" + ("every arm the same tokens" if sweep.protocol == "tokens" else
                                                 "every arm of a budget the same total FLOPs") + ")", "",
              "| dial | budget | arm | seed | params | true FLOPs/token (fwd) | vs PureWide | tokens | train FLOPs | "
@@ -300,7 +351,7 @@ def dry_run(sweep: SweepConfig, runs: list[Run]) -> str:
     total = left = 0.0
     done = 0
     for r in runs:
-        minutes = r.target_flops / (peak * sweep.assumed_mfu) / 60
+        minutes = r.target_flops / (rate * processes) / 60
         folder = Path(r.config.train.out_dir)
         ckpt = find_latest(folder)
         state = "done" if (folder / "eval.json").is_file() else f"checkpoint {ckpt.name}" if ckpt else "to train"
@@ -317,8 +368,7 @@ def dry_run(sweep: SweepConfig, runs: list[Run]) -> str:
                  + ("; ".join(off) if off else "none"))
     # --jobs share this machine's cores, so they do not shorten a compute-bound sweep
     lines.append(f"{len(runs)} runs, {done} done; estimated wall time {total / 60:.1f} h in all, {left / 60:.1f} h "
-                 f"left, assuming MFU {sweep.assumed_mfu} of a measured {peak / 1e9:.0f} GFLOP/s GEMM peak on "
-                 "this machine")
+                 f"left, one run at a time, each on {processes} process(es) at {rate / 1e12:.3g} TFLOP/s: {source}")
     return "\n".join(lines)
 
 
