@@ -2,7 +2,7 @@
 
 import importlib
 
-for name in ("bench_train", "bench_generate", "bench_prepare", "bench_duo_oracle", "bench_mfu_125m"):
+for name in ("bench_train", "bench_generate", "bench_prepare", "bench_duo_oracle", "bench_adaptive", "bench_mfu_125m"):
     try:
         mod = importlib.import_module(f"benchmarks.{name}")
     except ModuleNotFoundError as e:

@@ -343,3 +343,21 @@ def test_adaptive_cli_errors_are_one_line_and_write_nothing(args, needle, cli_ru
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not captured.out and not (tmp_path / "sweep").exists()
+
+
+def test_gate_oracle_reports_each_patterns_realised_flops():
+    """dualpath duo gates: a pattern's FLOPs are those of a forward that runs it (a path with a zero gate in a
+    layer skipped there), as a FlopTally counts them."""
+    from dualpath.routing import gate_search
+
+    model = _dual(K=2, seed=7)
+    idx = _idx(2, 16)
+    res = gate_search(model, [(idx, idx)], max_patterns=16)
+    by = {p["pattern"]: p["flops_per_token"] for p in res["patterns"]}
+    assert len(by) == 9 and res["learned_flops_per_token"] == model.flops_per_token(16)
+    letters = res["letters"]
+    for choice in ("deep-favoured", "wide-favoured"):
+        tally = FlopTally()
+        with torch.no_grad():
+            model(idx, overrides=Overrides(gates=choice), flops=tally)
+        assert by[letters[choice] * 2] == tally.total() / tally.tokens < model.flops_per_token(16)

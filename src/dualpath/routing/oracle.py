@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..model import BIG, NAMES, SKIP, realised_flops
+from ..model import BIG, NAMES, SKIP, Overrides, realised_flops
 from ..errors import CheckpointError, ConfigError
 from .adapters import DualSearchModel, DuoSearchModel
 from .search import PatternEvaluator, SearchSpace, pattern_to_string, search
@@ -337,6 +337,16 @@ def run_oracle(checkpoint, data, budgets, out, *, with_skip: bool = False, max_s
 # The same search on a Dual-Path model's gates
 
 
+def pattern_flops(model, pattern, seq_len: int) -> float:
+    """Forward FLOPs per token ("true") of a Dual-Path model run with one choice per layer: what deploying the
+    pattern costs, a path skipped where the choice gives it a zero gate (deep-favoured: no wide path,
+    wide-favoured: no deep path), the LM head included. (The search itself shares work between patterns.)"""
+    return model.flops_per_token(seq_len, "true") - sum(
+        layer.flops_per_token(seq_len, "true") - layer.flops_per_token(
+            seq_len, "true", overrides=Overrides(gates=None if c == "learned" else c))
+        for layer, c in zip(model.layers, pattern))
+
+
 def gate_search(model, batches, *, max_patterns: int = 4096, beam: int = 16, choices=None, log=None) -> dict:
     """Per-layer choices {learned, deep-favoured, wide-favoured} of a Dual-Path model: the learned gates
     (the all-"learned" pattern) against the best single pattern and the per-sequence / per-token oracles.
@@ -349,6 +359,8 @@ def gate_search(model, batches, *, max_patterns: int = 4096, beam: int = 16, cho
     if learned:
         ev.evaluate([learned])
     r = search(sm, batches, space, max_patterns=max_patterns, beam=beam, evaluator=ev, log=log)
+    T = ev.batches[0][0].shape[1]
+    flops = {s: pattern_flops(model, p, T) for s, p in zip(r["pattern_strings"], r["patterns"])}
     res = {
         "n_layers": sm.n_layers, "choices": list(space.choices), "method": r["method"],
         "space_size": r["space_size"], "n_evaluated": r["n_evaluated"],
@@ -356,8 +368,10 @@ def gate_search(model, batches, *, max_patterns: int = 4096, beam: int = 16, cho
         "best_pattern": r["best_pattern_string"], "best_single_loss": r["best_loss"],
         "per_sequence_oracle": r["per_sequence_oracle"], "per_token_oracle": r["per_token_oracle"],
         "note": OPTIMISTIC_NOTE, "letters": dict(sm.letters),
-        "patterns": sorted(({"pattern": s, "loss": lo} for s, lo in zip(r["pattern_strings"], r["pattern_loss"])),
-                           key=lambda d: d["loss"]),
+        "learned_flops_per_token": pattern_flops(model, learned, T) if learned else None,
+        "best_flops_per_token": flops[r["best_pattern_string"]],
+        "patterns": sorted(({"pattern": s, "loss": lo, "flops_per_token": flops[s]}
+                            for s, lo in zip(r["pattern_strings"], r["pattern_loss"])), key=lambda d: d["loss"]),
         "_result": r,
     }
     if log:
