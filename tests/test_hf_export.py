@@ -318,6 +318,7 @@ def test_loads_in_a_fresh_process_without_dualpath(hf_world, tmp_path):
         ref = native(torch.tensor([prompt])).logits[0, -1]
     torch.testing.assert_close(torch.tensor(res["logits"]), ref, rtol=0, atol=ATOL)
     assert res["gen"][len(prompt):] == list(generate_tokens(native, prompt, 5))[:len(res["gen"]) - len(prompt)]
+    assert "deprecated" not in proc.stderr, proc.stderr[-3000:]  # generate() under today's cache API
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..model import AdaptivePolicy, DualPathLM, KVCache, Overrides, init_module
 from .configuration_dualpath import DualPathConfig, check_adaptive, check_gates
+# transformers 5.24 renamed the outputs' and generate()'s `past_key_values` to `cache` (the old name warns)
+_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
 
 class DualPathCache:
     """The KV cache of one generation: a KVCache for the whole batch, or one per row once padding appears.
@@ -121,7 +124,9 @@ class DualPathForCausalLM(DualPathPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 past_key_values: DualPathCache | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, inputs_embeds: torch.Tensor | None = None,
-                return_dict: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
+                return_dict: bool | None = None, cache: DualPathCache | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
+        past_key_values = cache if cache is not None else past_key_values  # `cache` from transformers 5.24
         if inputs_embeds is not None:
             raise ValueError("DualPathForCausalLM takes input_ids, not inputs_embeds")
         if input_ids is None:
@@ -155,7 +160,7 @@ class DualPathForCausalLM(DualPathPreTrainedModel, GenerationMixin):
                                    ignore_index=-100)
         if return_dict is False:
             return tuple(v for v in (loss, logits, cache) if v is not None)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
     def _forward_rows(self, input_ids, new_mask, caches, ov):
         """Each row alone, without its padding (positions where new_mask is False get zero logits)."""
@@ -177,14 +182,15 @@ class DualPathForCausalLM(DualPathPreTrainedModel, GenerationMixin):
     # -- generation ------------------------------------------------------------------------------
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      inputs_embeds=None, use_cache=None, **kwargs):
+                                      inputs_embeds=None, use_cache=None, cache=None, **kwargs):
+        past_key_values = cache if cache is not None else past_key_values
         if inputs_embeds is not None:
             raise ValueError("DualPathForCausalLM generates from input_ids, not inputs_embeds")
         if not isinstance(past_key_values, DualPathCache):
             past_key_values = None
         if past_key_values is not None and past_key_values.seen:
             input_ids = input_ids[:, past_key_values.seen:]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values,
+        return {"input_ids": input_ids, "attention_mask": attention_mask, _CACHE_FIELD: past_key_values,
                 "use_cache": use_cache}
 
     def _reorder_cache(self, past_key_values, beam_idx):
