@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-from .sweep import JOB_RECORD, Run, SweepConfig, check_run_folders, plan, prepare_dial_data, record_job, \
-    run_command, run_order
+from .sweep import JOB_RECORD, Run, SweepConfig, check_run_folders, plan, prepare_dial_data, read_metrics, \
+    record_job, run_command, run_order
 
 LAUNCHERS = ("local", "slurm")
 NOT_STARTED = "not started"
@@ -232,21 +232,10 @@ def last_error_line(path: Path) -> str:
 
 def progress(folder: Path) -> str:
     """'step S/T, ETA ...' from a run's metrics.jsonl."""
-    total = tokens_per_step = step = 0
-    rate = 0.0
-    try:
-        lines = (folder / "metrics.jsonl").read_text().splitlines()
-    except OSError:
+    if not (folder / "metrics.jsonl").is_file():
         return "starting"
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("event") == "start":
-            total, tokens_per_step = rec.get("total_steps", 0), rec.get("tokens_per_step", 0)
-        step = max(step, int(rec.get("step", 0)))
-        rate = rec.get("tokens_per_s", rate)
+    start, step, rate = read_metrics(folder)
+    total, tokens_per_step = (start or {}).get("total_steps", 0), (start or {}).get("tokens_per_step", 0)
     if total and step >= total:
         return f"step {step}/{total}, evaluating"
     if not (total and rate):

@@ -286,6 +286,26 @@ def prepare_dial_data(sweep: SweepConfig, log=print) -> None:
                 seed=0)
 
 
+def read_metrics(folder: Path) -> tuple[dict | None, int, float | None]:
+    """(the last start record, the last step, the last tokens/s) of a run's metrics.jsonl; (None, 0, None)
+    before it has one."""
+    start, step, rate = None, 0, None
+    try:
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return start, step, rate
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a crash
+            continue
+        if rec.get("event") == "start":
+            start = rec
+        step = max(step, int(rec.get("step", 0)))
+        rate = rec.get("tokens_per_s", rate)
+    return start, step, rate
+
+
 def throughput(sweep: SweepConfig, runs: list[Run], device_kind: str | None = None) -> tuple[float, str]:
     """(training FLOP/s of one run, where it comes from) on the device kind the sweep targets (device_kind: cpu
     or a GPU name of perf.GPU_PEAKS; default: base.train.device, `auto` being this machine's): measured by the
@@ -307,20 +327,7 @@ def throughput(sweep: SweepConfig, runs: list[Run], device_kind: str | None = No
     gpu = kind != "cpu"
     measured = []
     for r in runs:  # achieved FLOP/s = tokens/s x training FLOPs per token, from the runs' own logs
-        try:
-            lines = (Path(r.config.train.out_dir) / "metrics.jsonl").read_text().splitlines()
-        except OSError:
-            continue
-        start = rate = None
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("event") == "start":
-                start = rec
-            elif "tokens_per_s" in rec:
-                rate = rec["tokens_per_s"]
+        start, _, rate = read_metrics(Path(r.config.train.out_dir))
         if start and rate and str(start.get("device", "")).startswith("cuda") == gpu and \
                 (not gpu or kind in str(start.get("peak_source", kind))):
             measured.append(rate * start["train_flops_per_token"])
