@@ -363,6 +363,7 @@ def test_export_of_a_version_0_checkpoint(hf_world, tmp_path):
         data = yaml.safe_load(cfg_file.read_text())
         data.pop("config_version")
         cfg_file.write_text(yaml.safe_dump(data))
+        (cfg_file.parent / "manifest.json").unlink()  # checkpoints of version 0 had no manifest
     out = export_hf(run, tmp_path / "old_export")
     assert json.loads((out / "config.json").read_text())["dualpath_config_version"] == CONFIG_VERSION
 
