@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin
 OUT=${OUT:-runs/duo12}
 SEEDS=${SEEDS:-"0 1 2"}
-STEPS=${STEPS:-2000}          # stage-1 steps of 32 x 64 tokens
+STEPS=${STEPS:-1500}          # stage-1 steps of 32 x 64 tokens (3.1M tokens)
 ROUTER_STEPS=${ROUTER_STEPS:-400}
 BUDGETS=${BUDGETS:-1,3,6,9}  # big layers of 12
 VAL=${VAL:-64}               # validation windows scored
@@ -34,10 +34,13 @@ for seed in $SEEDS; do
   # 2. routers: every kind and variant at half the layers big, the two plain ones at a quarter and three quarters
   routers=()
   train_router() {  # name budget args...
-    local dir=$run/routers/$1 budget=$2
+    local dir=$run/routers/$1 budget=$2 skip=""
     shift 2
+    [[ " $* " == *" bsx "* ]] && skip=_bsx
+    # oracle routers of one budget share their labels (kept under labels/)
     [ -f "$dir/router.json" ] || $PY/dualpath duo train-router "$run" --budget "$budget" --steps "$ROUTER_STEPS" \
-      --label-sequences "$LABELS" --seed "$seed" "${common[@]}" --out "$dir" "$@" >/dev/null
+      --label-sequences "$LABELS" --labels "$run/labels/budget$budget$skip.pt" --seed "$seed" "${common[@]}" \
+      --out "$dir" "$@" >/dev/null
     routers+=(--router "$dir")
   }
   train_router budget_pre_bs 0.5

@@ -603,6 +603,21 @@ def test_router_variants_and_held_out_report_through_the_cli(duo_run, tmp_path, 
                  *common]) == 0
     info = json.loads((r1 / "router.json").read_text())
     assert info["router"] == "oracle/post/bsx/mlp8" and info["label_budget"] == 2 and info["label_windows"] == 8
+    # oracle labels kept in a file serve the next router of the same setting, and refuse another setting
+    labels = tmp_path / "labels.pt"
+    oracle_args = ["--budget", "0.5", "--kind", "oracle", "--choices", "bsx", "--steps", "5", "--label-sequences", "8",
+                   "--labels", str(labels)]
+    assert main(["duo", "train-router", str(ckpt), *oracle_args, "--out", str(tmp_path / "r3"), *common]) == 0
+    assert labels.is_file()
+    capsys.readouterr()
+    assert main(["duo", "train-router", str(ckpt), *oracle_args, "--out", str(tmp_path / "r4"), *common]) == 0
+    assert "oracle labels from" in capsys.readouterr().err
+    r3, r4 = (json.loads((tmp_path / r / "router.json").read_text()) for r in ("r3", "r4"))
+    assert r3["label_oracle_loss"] == r4["label_oracle_loss"] == pytest.approx(info["label_oracle_loss"])
+    assert r3["loss"] == r4["loss"]  # the same labels, seed and steps: the same router
+    assert main(["duo", "train-router", str(ckpt), *("bs" if a == "bsx" else a for a in oracle_args),
+                 "--out", str(tmp_path / "r5"), *common]) == 2
+    assert "another setting" in capsys.readouterr().err and not (tmp_path / "r5").exists()
     capsys.readouterr()
     out = tmp_path / "rep"
     assert main(["duo", "report", str(ckpt), "--budgets", "1,2", "--random-trials", "3", "--with-skip",

@@ -433,7 +433,8 @@ def cmd_duo_train_router(args) -> int:
     res = run_train_router(args.checkpoint, args.data, args.budget, args.out, kind=args.kind, choices=args.choices,
                            router_input=args.input, hidden=args.hidden, steps=args.steps, lr=args.lr,
                            budget_weight=args.budget_weight, tau_end=args.tau_end,
-                           label_sequences=args.label_sequences, max_patterns=args.max_patterns, beam=args.beam,
+                           label_sequences=args.label_sequences, labels_file=args.labels,
+                           max_patterns=args.max_patterns, beam=args.beam,
                            seed=args.seed, **common)
     if args.json:
         _print_json(res)
@@ -632,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--choices", choices=["bs", "bsx"], default="bs", help="big|small, or big|small|skip")
     s.add_argument("--hidden", type=int, default=0, help="0: a linear router; N: an MLP with N hidden units")
     s.add_argument("--label-sequences", type=int, default=64, help="--kind oracle: training windows labelled")
+    s.add_argument("--labels", help="--kind oracle: a file of oracle labels, read if it holds this setting's, "
+                   "else written for the next router")
     s.add_argument("--max-patterns", type=int, default=4096, help="--kind oracle: the label search")
     s.add_argument("--beam", type=int, default=16)
     s.add_argument("--steps", type=int, default=500)

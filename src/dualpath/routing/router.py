@@ -350,14 +350,39 @@ def load_router(path, base_model=None, device: str = "cpu"):
     return m, router_state_of(ckpt), ckpt
 
 
+def _load_labels(path, key: dict) -> dict | None:
+    """Oracle labels saved by an earlier run for the same base model, budget, windows and search; None if the
+    file does not exist yet."""
+    from ..checkpoint import load_torch
+
+    p = Path(path)
+    if not p.is_file():
+        return None
+    st = load_torch(p)
+    diff = [k for k, v in key.items() if not isinstance(st, dict) or st.get(k) != v]
+    if diff:
+        raise ConfigError(f"--labels {p} holds labels of another setting ({diff[0]}: "
+                          f"{st.get(diff[0]) if isinstance(st, dict) else '?'} vs {key[diff[0]]})")
+    return st
+
+
+def _save_labels(path, labels: dict) -> None:
+    from ..fileio import atomic_open
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "wb") as f:
+        torch.save(labels, f)
+
+
 def run_train_router(checkpoint, data, budget: float, out, *, kind: str = "budget", choices: str = "bs",
                      router_input: str = "pre", hidden: int = 0, steps: int = 500, batch_size: int = 8,
                      seq_len: int | None = None, lr: float = DEFAULT_LR, budget_weight: float = DEFAULT_BUDGET_WEIGHT,
-                     tau_end: float = 0.05, label_sequences: int = 64, max_patterns: int = 4096, beam: int = 16,
-                     eval_sequences: int = 64, seed: int = 0, device: str = "cpu", log=None) -> dict:
+                     tau_end: float = 0.05, label_sequences: int = 64, labels_file=None, max_patterns: int = 4096,
+                     beam: int = 16, eval_sequences: int = 64, seed: int = 0, device: str = "cpu", log=None) -> dict:
     """`dualpath duo train-router`: train on the train split of a prepared folder (kind budget: random
     windows; kind oracle: the first label_sequences windows, labelled by the per-token oracle at
-    k = round(budget·L), with skip for a bsx router), evaluate hard on its val split, save a router checkpoint
+    k = round(budget·L), with skip for a bsx router; with labels_file, labels of the same setting are read
+    from it, or saved there for the next router), evaluate hard on its val split, save a router checkpoint
     (duo_policy=router) under OUT/checkpoints and OUT/router.json."""
     from ..checkpoint import atomic_write_text, load_model, save_checkpoint
     from ..data.loader import load_windows, make_batches, train_window_fn
@@ -382,11 +407,21 @@ def run_train_router(checkpoint, data, budget: float, out, *, kind: str = "budge
         lx, ly = load_windows(data, model, split="train", max_sequences=label_sequences, seq_len=seq_len)
         lb = make_batches(lx, ly, batch_size, device)
         k = round(target * model.cfg.n_layers)
-        labels, e = oracle_labels(model, lb, k, choices == "bsx", max_patterns=max_patterns, beam=beam, log=log)
-        rm, history = train_router_oracle(model, lb, labels, k / model.cfg.n_layers, steps, lr=lr,
+        key = {"budget": k, "with_skip": choices == "bsx", "windows": int(lx.shape[0]), "seq_len": int(lx.shape[1]),
+               "base_checkpoint": str(ckpt), "max_patterns": max_patterns, "beam": beam}
+        cached = _load_labels(labels_file, key) if labels_file else None
+        if cached is None:
+            labels, e = oracle_labels(model, lb, k, choices == "bsx", max_patterns=max_patterns, beam=beam, log=log)
+            cached = {**key, "labels": labels.to(torch.int8), "oracle_loss": e["per_token_oracle"]["loss"],
+                      "search": e["method"]}
+            if labels_file:
+                _save_labels(labels_file, cached)
+        elif log:
+            log(f"oracle labels from {labels_file}")
+        rm, history = train_router_oracle(model, lb, cached["labels"].long(), k / model.cfg.n_layers, steps, lr=lr,
                                           batch_size=batch_size, seed=seed, log=log, **variant)
-        extra = {"label_budget": k, "label_windows": int(lx.shape[0]), "label_oracle_loss":
-                 e["per_token_oracle"]["loss"], "label_search": e["method"]}
+        extra = {"label_budget": k, "label_windows": int(lx.shape[0]), "label_oracle_loss": cached["oracle_loss"],
+                 "label_search": cached["search"]}
     ev = evaluate_routed(rm, make_batches(x, y, batch_size, device))
     run_cfg = dataclasses.replace(cfg, model=rm.cfg)
     run_cfg.train = dataclasses.replace(cfg.train, out_dir=str(out))
