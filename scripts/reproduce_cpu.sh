@@ -56,7 +56,7 @@ PY
       fi
     fi
     $PY/dualpath eval "$model" --data data/cpu_mix ../shared/data/wikitext-2/test.txt ../shared/data/gsm8k/test.jsonl \
-      --force-K 1,2,3,5,8 --extra-steps-gain last \
+      --K 1,2,3,5,8 --extra-steps-gain last \
       --gates deep-favoured,wide-favoured,swapped,share-shuffled,share-shuffled-seq,shuffled,deep-only,wide-only,both=0.5 \
       --limit 32 --no-exact-match --out "$OUT/$budget/ablations_$seed.json" > "$OUT/$budget/ablations_$seed.md"
   done

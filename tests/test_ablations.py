@@ -121,7 +121,7 @@ def test_eval_reports_each_variants_realised_flops(tmp_path, capsys):
     save_tiny_checkpoint(run, model, tok)
     text = tmp_path / "t.txt"
     text.write_text("to be or not to be, that is the question. " * 20)
-    assert main(["eval", str(run), "--data", str(text), "--force-K", "1,4", "--gates", "wide-only,deep-favoured",
+    assert main(["eval", str(run), "--data", str(text), "--K", "1,4", "--gates", "wide-only,deep-favoured",
                  "--json", "--no-exact-match"]) == 0
     import json
 

@@ -275,7 +275,7 @@ def test_eval_cli_reports_realised_flops_beside_the_full_row(cli_run, tmp_path, 
     ckpt, text, _ = cli_run
     out = tmp_path / "res.json"
     assert main(["eval", str(ckpt), "--data", str(text), "--adaptive", "exit=0.3,deep=0.3", "--adaptive",
-                 "exit=1", "--force-K", "1", "--out", str(out)]) == 0
+                 "exit=1", "--K", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| adaptive exit=0.3,deep=0.3 |" in printed and "Realised compute" in printed
     rows = {k: v["t"] for k, v in json.loads(out.read_text())["variants"].items()}

@@ -126,7 +126,7 @@ def test_eval_cli_ablation_table(checkpoint, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(SHAKESPEARE.read_text()[:2000])
     out = tmp_path / "res.json"
-    rc = main(["eval", str(checkpoint), "--data", str(text), "--force-K", "1,3", "--gates",
+    rc = main(["eval", str(checkpoint), "--data", str(text), "--K", "1,3", "--gates",
                "deep-only,both=0.5", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -171,7 +171,7 @@ def test_generate_cli(checkpoint, tokenizer_json, capsys):
 @pytest.mark.parametrize("args,needle", [
     (["eval", "{missing}", "--data", "{text}"], "checkpoint not found"),
     (["eval", "{corrupt}", "--data", "{text}"], "corrupt"),
-    (["eval", "{ckpt}", "--data", "{text}", "--force-K", "99"], "max_loops"),
+    (["eval", "{ckpt}", "--data", "{text}", "--K", "99"], "--K=99 is outside 1..max_loops"),
     (["eval", "{ckpt}", "--data", "{text}", "--gates", "sideways"], "gate override"),
     (["eval", "{ckpt}", "--data", "{missing}"], "not found"),
     (["generate", "{ckpt}", "--prompt", "{long}"], "longer than the context"),
@@ -245,3 +245,143 @@ def test_text_limit_scores_exactly_that_many_windows(tokenizer_json, tmp_path):
     row = evaluate_datasets(model, tok, [str(tmp_path / "t.txt")], limit=n)["variants"]["trained (K=1)"]["t"]
     assert (row["tokens"], row["bytes"]) == (n * ctx, r["bytes"])
     assert row["loss"] == pytest.approx(r["loss"], rel=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# one flag vocabulary (#29), stop strings, the context end, Q/A examples longer than the context
+
+
+def _greedy(tok, prompt: str, n: int) -> tuple[list[int], list[int]]:
+    """(prompt ids as generate() builds them, the first n greedy tokens of the checkpoint's model after them)."""
+    eos = tok.token_to_id("<|endoftext|>")
+    ids = [eos] + tok.encode(prompt).ids
+    out = list(generate_tokens(_checkpoint_model(), ids, n, eos_id=eos))
+    assert eos not in out  # n real tokens: the comparisons below are not vacuous
+    return ids, out
+
+
+def _stop_strings(text: str) -> tuple[str, str]:
+    """Two printable ASCII pairs of `text` (the untrained model also decodes partial UTF-8) whose first
+    occurrences are at 0 < early < late."""
+    found = sorted({(text.find(text[i:i + 2]), text[i:i + 2]) for i in range(1, len(text) - 1)
+                    if text[i:i + 2].isascii() and text[i:i + 2].isprintable()})
+    found = [f for f in found if f[0] > 0]
+    assert len(found) >= 2, text
+    return found[0][1], found[-1][1]
+
+
+def test_generate_cli_cuts_at_the_first_stop_string(checkpoint, tokenizer_json, capsys):
+    tok = load_tokenizer(tokenizer_json.parent)
+    _, ids = _greedy(tok, "ROMEO:", 20)
+    text = tok.decode(ids)
+    early, late = _stop_strings(text)
+    cut_late, cut_early = text.find(late), text.find(early)
+    assert 0 < cut_early < cut_late
+    base = ["generate", str(checkpoint), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--temperature", "0"]
+    assert main(base + ["--stop", late]) == 0
+    out, err = capsys.readouterr()
+    assert (out, err) == ("ROMEO:" + text[:cut_late] + "\n", "")
+    # repeatable: whichever string comes first ends it; one never met changes nothing
+    assert main(base + ["--stop", late, "--stop", "@@never@@", "--stop", early]) == 0
+    assert capsys.readouterr().out == "ROMEO:" + text[:cut_early] + "\n"
+    assert main(base + ["--stop", "@@never@@"]) == 0
+    assert capsys.readouterr().out == "ROMEO:" + text + "\n"
+
+
+def test_generate_library_stop_streams_no_part_of_the_stop_string(checkpoint, tokenizer_json):
+    tok = load_tokenizer(tokenizer_json.parent)
+    _, ids = _greedy(tok, "ROMEO:", 20)
+    text = tok.decode(ids)
+    stop = _stop_strings(text)[1]
+    pieces = []
+    got = generate(_checkpoint_model(), tok, "ROMEO:", 20, stop=[stop], stream=pieces.append)
+    assert got == text[:text.find(stop)] == "".join(pieces)
+    # a stop string that never completes is streamed in full at the end
+    pieces = []
+    assert generate(_checkpoint_model(), tok, "ROMEO:", 20, stop=[text[-2:] + "\x00"], stream=pieces.append) == text
+    assert "".join(pieces) == text
+
+
+def test_generate_cli_says_when_it_stops_at_the_context_end(checkpoint, tokenizer_json, capsys):
+    tok = load_tokenizer(tokenizer_json.parent)
+    ctx = _checkpoint_model().cfg.seq_len
+    prompt, _ = _greedy(tok, "ROMEO:", 1)
+    room = ctx - len(prompt)
+    _, ids = _greedy(tok, "ROMEO:", room)
+    base = ["generate", str(checkpoint), "--prompt", "ROMEO:", "--temperature", "0"]
+    assert main(base + ["--max-new-tokens", str(room + 30)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "ROMEO:" + tok.decode(ids) + "\n"
+    assert err == f"generation stopped at the context end ({ctx} tokens) after {room} of {room + 30} new tokens\n"
+    # exactly the room asked for: the requested length was reached, nothing to say
+    assert main(base + ["--max-new-tokens", str(room)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "ROMEO:" + tok.decode(ids) + "\n" and err == ""
+
+
+def test_generate_help_states_both_temperature_defaults(capsys):
+    assert main(["generate", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "0: greedy (default: 0.8; the library's dualpath.generate.generate() is greedy unless given a " \
+           "temperature)" in help_text
+    import inspect
+
+    assert inspect.signature(generate_tokens).parameters["temperature"].default == 0.0  # what that says
+
+
+def test_eval_K_and_gates_take_lists_or_repeats_and_force_K_is_gone(checkpoint, tokenizer_json, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(SHAKESPEARE.read_text()[:1500])
+    runs = []
+    for flags in (["--K", "1,3", "--gates", "deep-only,both=0.5"],
+                  ["--K", "1", "--K", "3", "--gates", "deep-only", "--gates", " both=0.5"]):
+        assert main(["eval", str(checkpoint), "--data", str(text), "--json", *flags]) == 0
+        runs.append(json.loads(capsys.readouterr().out)["variants"])
+    untimed = [{n: {k: x for k, x in r["t"].items() if k != "tokens_per_s"} for n, r in v.items()} for v in runs]
+    assert untimed[0] == untimed[1]
+    assert set(runs[0]) == {"trained (K=2)", "K=1", "K=3", "gates=deep-only", "gates=both=0.5"}
+    # each row is the model under that override, computed here through the library
+    tok = load_tokenizer(tokenizer_json.parent)
+    for name, ov in (("K=3", Overrides(K=3)), ("gates=both=0.5", Overrides(gates="both=0.5"))):
+        ref = evaluate_text(_checkpoint_model(), tok, text.read_text(), overrides=ov)
+        assert runs[0][name]["t"]["loss"] == pytest.approx(ref["loss"], rel=1e-9)
+    assert main(["eval", str(checkpoint), "--data", str(text), "--force-K", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines() == ["error: dualpath: unrecognized arguments: --force-K 1"]
+
+
+def _qa_file(path, rows):
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+    return path
+
+
+def test_eval_skips_and_counts_qa_examples_longer_than_the_context(checkpoint, tokenizer_json, tmp_path, capsys):
+    tok = load_tokenizer(tokenizer_json.parent)
+    model = _checkpoint_model()
+    ctx, eos = model.cfg.seq_len, tok.token_to_id("<|endoftext|>")
+    rows = [("Who speaks first?", "ROMEO"), ("What is the word? " * 20, "none"), ("And then?", "JULIET")]
+    qa = _qa_file(tmp_path / "qa.jsonl", rows)
+    seqs = [[eos] + tok.encode(f"{q}\n{a}").ids for q, a in rows]
+    assert [len(s) > ctx + 1 for s in seqs] == [False, True, False]
+    # the two that fit, scored here with a plain forward pass
+    loss_sum, n_tok = 0.0, 0
+    for s in (seqs[0], seqs[2]):
+        logits = model(torch.tensor([s[:-1]])).logits[0]
+        loss_sum += torch.nn.functional.cross_entropy(logits.float(), torch.tensor(s[1:]), reduction="sum").item()
+        n_tok += len(s) - 1
+    assert main(["eval", str(checkpoint), "--data", str(qa), "--json"]) == 0  # exact match included: no abort
+    r = json.loads(capsys.readouterr().out)["variants"]["trained (K=2)"]["qa"]
+    assert (r["n"], r["skipped"], r["tokens"]) == (2, 1, n_tok)
+    assert r["bytes"] == sum(len(f"{q}\n{a}".encode()) for q, a in (rows[0], rows[2]))
+    assert r["loss"] == pytest.approx(loss_sum / n_tok, rel=1e-5)
+    # the table says it on stdout, the log on stderr, in one line each
+    assert main(["eval", str(checkpoint), "--data", str(qa), "--no-exact-match"]) == 0
+    out, err = capsys.readouterr()
+    assert "- qa: loss" in out and "2 examples (1 longer than the context skipped)" in out
+    assert f"qa: skipped 1 of 3 examples, longer than the context ({ctx} tokens)" in err.splitlines()
+    # nothing left to evaluate: one line, exit 2, nothing written
+    only_long = _qa_file(tmp_path / "long.jsonl", [rows[1]])
+    assert main(["eval", str(checkpoint), "--data", str(only_long), "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: all 1 examples are longer than the context ({ctx} tokens)"]
+    assert not (tmp_path / "r.json").exists()

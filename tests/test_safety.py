@@ -429,6 +429,9 @@ def models(tmp_path_factory) -> dict:
     (["--top-p", "2"], "--top-p: must be a finite number in (0, 1]"),
     (["--top-k", "0"], "--top-k: must be >= 1"),
     (["--K", "0"], "--K=0 is outside 1..max_loops"),
+    (["--gates", "deep-only,wide-only"], "--gates takes one mode here (eval takes a comma-separated list), got "
+                                         "'deep-only,wide-only'"),
+    (["--stop", ""], "--stop: is empty"),
     (["--prompt", ""], "--prompt: is empty"),
     (["--prompt", "word " * 40], "the prompt has"),  # longer than the 16-token context: nothing echoed
 ])
@@ -451,8 +454,12 @@ def test_eval_checks_out_and_tokenizer_before_evaluating(models, data_dir, tmp_p
     wide = models["wide"]
     line = refused(["eval", wide, "--data", data_dir, "--out", tmp_path / "missing" / "r.json"], capsys, tmp_path)
     assert "--out" in line and "does not exist" in line
-    line = refused(["eval", wide, "--data", data_dir, "--force-K", "2"], capsys, tmp_path)
-    assert "--force-K needs a loop or dual model" in line
+    line = refused(["eval", wide, "--data", data_dir, "--K", "2"], capsys, tmp_path)
+    assert "--K needs a loop or dual model" in line
+    line = refused(["eval", models["dual"], "--data", data_dir, "--K", "1,x"], capsys, tmp_path)
+    assert "--K: expected comma-separated integers, got '1,x'" in line
+    line = refused(["eval", models["dual"], "--data", data_dir, "--gates", "deep-only,sideways"], capsys, tmp_path)
+    assert "--gates: unknown gate override 'sideways'" in line
     line = refused(["eval", wide, "--data", data_dir, "--batch-size", "0"], capsys, tmp_path)
     assert "--batch-size" in line
     # a folder prepared with another tokenizer: refused, not a meaningless BPB

@@ -250,6 +250,21 @@ def _text(text: str) -> str:
     return text
 
 
+def _str_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated values, got '{text}'")
+    return values
+
+
+def _stop_string(text: str) -> str:
+    from .data.sources import decode_escapes
+
+    if not text:  # whitespace is a stop string (\n); nothing is not
+        raise argparse.ArgumentTypeError("is empty")
+    return decode_escapes(text)
+
+
 def check_checkpoint_options(args) -> None:
     """The one check of a subcommand's options against the architecture of its checkpoint (read from the
     checkpoint's config, before any weights or data are loaded): forced K, gate modes, window length."""
@@ -257,12 +272,10 @@ def check_checkpoint_options(args) -> None:
     from .model import check_overrides
 
     cfg = load_config(resolve(args.checkpoint)).model
-    K = getattr(args, "force_K", None) if getattr(args, "K", None) is None else args.K
-    K_flag = "--K" if getattr(args, "K", None) is not None else "--force-K"
-    gates = getattr(args, "gates", None)
-    if isinstance(gates, str):
-        gates = [g for g in gates.split(",") if g] if args.command == "eval" else gates
-    check_overrides(cfg, K=K, gates=gates, K_flag=K_flag, gates_flag="--gates")
+    gates = getattr(args, "gates", None)  # eval: a list of variants; generate: the one setting
+    if isinstance(gates, str) and "," in gates:
+        raise ConfigError(f"--gates takes one mode here (eval takes a comma-separated list), got '{gates}'")
+    check_overrides(cfg, K=getattr(args, "K", None), gates=gates, K_flag="--K", gates_flag="--gates")
     for flag in ("seq_len", "chunk_len"):
         value = getattr(args, flag, None)
         if value is not None and not 1 <= value <= cfg.seq_len:
@@ -278,8 +291,7 @@ def cmd_eval(args) -> int:
     model, tokenizer, ckpt = _load_for_inference(args.checkpoint)
     if args.adaptive_sweep:
         return _adaptive_sweep(args, model, tokenizer)
-    gates = [g for g in (args.gates or "").split(",") if g] if args.gates else None
-    res = evaluate_datasets(model, tokenizer, args.data, force_K=args.force_K, gates=gates,
+    res = evaluate_datasets(model, tokenizer, args.data, K=args.K, gates=args.gates,
                             extra_steps_gain=args.extra_steps_gain, batch_size=args.batch_size, limit=args.limit,
                             adaptive=args.adaptive, exact_match=not args.no_exact_match,
                             log=None if args.json else (lambda m: print(m, file=sys.stderr)))
@@ -327,11 +339,14 @@ def cmd_generate(args) -> int:
         args.adaptive.check(model.cfg)
     ov = (Overrides(K=args.K, gates=args.gates, adaptive=args.adaptive)
           if (args.K is not None or args.gates or args.adaptive is not None) else None)
+    notes: list[str] = []  # printed after the text's final newline, not inside it
     print(args.prompt, end="", flush=True)
     generate(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-             top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache, overrides=ov,
-             stream=lambda piece: print(piece, end="", flush=True))
+             top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache, overrides=ov, stop=args.stop,
+             stream=lambda piece: print(piece, end="", flush=True), log=notes.append)
     print()
+    for note in notes:
+        print(note, file=sys.stderr)
     return 0
 
 
@@ -557,10 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="loss, perplexity, BPB, answer accuracy and the paper's ablations")
     s.add_argument("checkpoint")
     s.add_argument("--data", nargs="+", required=True, help="prepared folders, .txt files or Q/A .jsonl files")
-    s.add_argument("--force-K", type=_int_list, help="e.g. 1,2,3,5,8,10")
-    s.add_argument("--gates", help="comma-separated; rescaling the residual: deep-only, wide-only, both=C; "
-                   "holding g_d+g_w per token: deep-favoured, wide-favoured, swapped, share-shuffled, "
-                   "share-shuffled-seq; the paper's shuffle: shuffled")
+    s.add_argument("--K", type=_int_list, action="extend", help="loop steps at inference, one row each: "
+                   "comma-separated or repeated, e.g. 1,2,3,5,8,10 (loop and dual models)")
+    s.add_argument("--gates", type=_str_list, action="extend", help="gate modes, one row each: comma-separated "
+                   "or repeated; rescaling the residual: deep-only, wide-only, both=C; holding g_d+g_w per token: "
+                   "deep-favoured, wide-favoured, swapped, share-shuffled, share-shuffled-seq; the paper's "
+                   "shuffle: shuffled (dual models)")
     s.add_argument("--extra-steps-gain", choices=("last", "own"), default="last",
                    help="forced K above the trained K: extra steps reuse the last trained step's gain (default) "
                         "or their own, untrained gains")
@@ -586,12 +603,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint")
     s.add_argument("--prompt", required=True, type=_text)
     s.add_argument("--max-new-tokens", type=_at_least(1), default=64)
-    s.add_argument("--temperature", type=_number(0), default=0.8, help="0: greedy")
+    s.add_argument("--temperature", type=_number(0), default=0.8, help="0: greedy (default: %(default)s; the "
+                   "library's dualpath.generate.generate() is greedy unless given a temperature)")
     s.add_argument("--top-k", type=_at_least(1))
     s.add_argument("--top-p", type=_number(0, 1, low_open=True))
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--K", type=int, help="loop steps at inference (loop and dual models)")
-    s.add_argument("--gates", help="dual models: deep-only, wide-only, both=C (C in [0, 1]) or shuffled")
+    s.add_argument("--gates", help="one gate mode, as eval's --gates: deep-only, wide-only, both=C (C in [0, 1]), "
+                   "shuffled, ... (dual models)")
+    s.add_argument("--stop", type=_stop_string, action="append", default=[], metavar="STR",
+                   help="end at this string, which is not printed (repeatable; \\n and \\t are decoded)")
     s.add_argument("--adaptive", type=_adaptive, metavar="POLICY", help="adaptive depth, e.g. exit=0.1,deep=0.05 "
                    "(loop and dual models; docs/ADAPTIVE.md)")
     s.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")

@@ -1,12 +1,14 @@
 """Sampling with a KV cache (one cache per loop step of the deep block, one for the wide block).
 
-    dualpath generate CHECKPOINT --prompt "..." [--max-new-tokens --temperature --top-k --top-p --seed]
-    dualpath.generate.generate(model, tokenizer, "prompt", max_new_tokens=50)
+    dualpath generate CHECKPOINT --prompt "..." [--max-new-tokens --temperature --top-k --top-p --seed --stop]
+    dualpath.generate.generate(model, tokenizer, "prompt", max_new_tokens=50, stop=["\n"])
+
+The library is greedy unless given a temperature; the `generate` command samples at 0.8 unless told otherwise.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -74,22 +76,59 @@ def prompt_ids(tokenizer, prompt: str, context: int, bos: bool = True) -> list[i
     return ids
 
 
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, *, stream: Callable[[str], None] | None = None,
-             bos: bool = True, **kw) -> str:
-    """Generate text after `prompt`. `stream` receives text pieces as they are decoded."""
-    eos_id = find_eos_id(tokenizer, default=None)
-    ids = prompt_ids(tokenizer, prompt, model.cfg.seq_len, bos)
+def _stop_at(text: str, stop: Sequence[str]) -> int | None:
+    """Where the first stop string in `text` begins, or None."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None
+
+
+def _held_back(text: str, stop: Sequence[str]) -> int:
+    """How many final characters of `text` could begin a stop string (not streamed until that is decided)."""
+    return max((k for s in stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
+
+
+def decode_until(tokenizer, tokens: Iterable[int], *, eos_id: int | None = None, stop: Sequence[str] = (),
+                 stream: Callable[[str], None] | None = None) -> tuple[str, int, bool]:
+    """Decode generated tokens until EOS or the first of the `stop` strings, which is cut off with whatever
+    follows it. `stream` receives the text in pieces as it is decoded (never part of a stop string).
+    Returns (text, tokens decoded, whether EOS or a stop string ended it)."""
+    stop = [stop] if isinstance(stop, str) else list(stop)  # one string is one stop, not its characters
+    if any(not s for s in stop):
+        raise DualPathError("a stop string is empty")
     out: list[int] = []
-    printed = ""
-    for token in generate_tokens(model, ids, max_new_tokens, eos_id=eos_id, **kw):
+    text, printed, ended = "", 0, False
+    for token in tokens:
         if token == eos_id:
+            ended = True
             break
         out.append(token)
         text = tokenizer.decode(out)
+        cut = _stop_at(text, stop)
+        if cut is not None:
+            text, ended = text[:cut], True
+            break
         if stream is not None and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
-            stream(text[len(printed):])
-            printed = text
-    text = tokenizer.decode(out)
-    if stream is not None and len(text) > len(printed):
-        stream(text[len(printed):])
+            safe = len(text) - _held_back(text, stop)
+            if safe > printed:
+                stream(text[printed:safe])
+                printed = safe
+    if stream is not None and len(text) > printed:
+        stream(text[printed:])
+    return text, len(out), ended
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, *, stream: Callable[[str], None] | None = None,
+             bos: bool = True, stop: Sequence[str] = (), log: Callable[[str], None] | None = None, **kw) -> str:
+    """Generate text after `prompt`: greedy unless `temperature` > 0 is given (keywords of generate_tokens).
+    Ends at EOS, after max_new_tokens, at the first `stop` string (neither it nor what follows is returned or
+    streamed), or at the context end, which `log` is told in one line. `stream` receives text pieces as they
+    are decoded."""
+    ids = prompt_ids(tokenizer, prompt, model.cfg.seq_len, bos)
+    eos_id = find_eos_id(tokenizer, default=None)
+    text, n, ended = decode_until(tokenizer, generate_tokens(model, ids, max_new_tokens, eos_id=eos_id, **kw),
+                                  eos_id=eos_id, stop=stop, stream=stream)
+    if not ended and n < max_new_tokens and log is not None:
+        log(f"generation stopped at the context end ({model.cfg.seq_len} tokens) after {n} of {max_new_tokens} "
+            "new tokens")
     return text

@@ -7,6 +7,7 @@ as GSM8K) also give per-category BPB, the loss on the answer tokens, and greedy 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -114,10 +115,12 @@ def evaluate_examples(model, tokenizer, examples: list[dict], batch_size: int = 
 
     Exact match: greedy decoding from the prompt; the first generated line must equal the answer, or,
     for answers written as GSM8K's `#### n`, the extracted numbers must be equal.
+
+    An example longer than the context (EOS + text beyond seq_len + 1 tokens) is skipped, not truncated, so
+    that BPB, answer loss and accuracy are those of whole examples; each row counts them under "skipped".
     """
-    if not examples:
-        raise DataError("no examples to evaluate")
     eos = eos_id(tokenizer)
+    examples, skipped = fit_examples(tokenizer, examples, model.cfg.seq_len)
     seqs, masks = [], []
     for ex in examples:
         ids, mask = answer_token_mask(tokenizer, ex["text"], ex["answer_start"], ex["answer_end"])
@@ -154,8 +157,28 @@ def evaluate_examples(model, tokenizer, examples: list[dict], batch_size: int = 
                if k in ("loss", "ppl", "bpb", "tokens", "bytes", "tokens_per_s", "flops")},
             "answer_loss": a["answer_loss_sum"] / max(a["answer_tokens"], 1),
             "accuracy": a["correct"] / a["n"] if exact_match else None,
+            "skipped": skipped[key],
         }
     return result
+
+
+def fit_examples(tokenizer, examples: list[dict], context: int) -> tuple[list[dict], dict[str, int]]:
+    """The examples that fit the context whole (EOS + text within context + 1 tokens, the prompt leaving room
+    to decode), and how many were skipped per category and under "all"; a DataError when none fit."""
+    if not examples:
+        raise DataError("no examples to evaluate")
+    eos = eos_id(tokenizer)
+    kept, skipped = [], defaultdict(int)
+    for ex in examples:
+        too_long = len(tokenizer.encode(ex["text"]).ids) > context  # with EOS first: beyond context + 1
+        if too_long or len(_prompt_ids(tokenizer, ex["prompt"], eos)) >= context:
+            for key in (ex["category"], "all"):
+                skipped[key] += 1
+        else:
+            kept.append(ex)
+    if not kept:
+        raise DataError(f"all {len(examples)} examples are longer than the context ({context} tokens)")
+    return kept, skipped
 
 
 def _dial_bins(examples: list[dict]) -> list[tuple[str, ...]]:
@@ -177,8 +200,7 @@ def _exact_match(model, tokenizer, ex: dict, eos: int, overrides, max_new_tokens
         gsm = None  # the prompt already holds the marker; compare the number itself
         answer = answer.replace(",", "")
     budget = max_new_tokens or (256 if gsm is not None else len(tokenizer.encode(answer).ids) + 8)
-    # A trailing space would be its own token, while training text attaches it to the answer (" 254").
-    ids = [eos] + tokenizer.encode(prompt.rstrip(" ")).ids
+    ids = _prompt_ids(tokenizer, prompt, eos)
     out = []
     for tok in generate_tokens(model, ids, budget, eos_id=eos, overrides=overrides):
         if tok == eos:
@@ -194,11 +216,15 @@ def _exact_match(model, tokenizer, ex: dict, eos: int, overrides, max_new_tokens
     return first == answer
 
 
+def _prompt_ids(tokenizer, prompt: str, eos: int) -> list[int]:
+    """What greedy answer decoding starts from. A trailing space would be its own token, while training text
+    attaches it to the answer (" 254")."""
+    return [eos] + tokenizer.encode(prompt.rstrip(" ")).ids
+
+
 def read_jsonl_examples(path: str | Path, question: str = "question", answer: str = "answer",
                         limit: int | None = None) -> list[dict]:
     """Q/A JSONL (e.g. GSM8K) as labelled examples: text = question + newline + answer."""
-    import json
-
     p = Path(path)
     if not p.is_file():
         raise DataError(f"file not found: {p}")
@@ -252,17 +278,17 @@ def evaluate_shards(model, folder: str | Path, split: str = "val", batch_size: i
     return _summary(loss_sum, n_tok, n_bytes, time.perf_counter() - t0, model, overrides, tally)
 
 
-def _variants(force_K: list[int] | None, gates: list[str] | None, trained_K: int,
+def _variants(K: list[int] | None, gates: list[str] | None, trained_K: int,
               extra_steps_gain: str = "last", adaptive: list[AdaptivePolicy] | None = None
               ) -> list[tuple[str, Overrides]]:
     rows = [(f"trained (K={trained_K})", Overrides())]
-    rows += [(f"K={k}", Overrides(K=k, extra_steps_gain=extra_steps_gain)) for k in (force_K or []) if k != trained_K]
+    rows += [(f"K={k}", Overrides(K=k, extra_steps_gain=extra_steps_gain)) for k in (K or []) if k != trained_K]
     rows += [(f"gates={g}", Overrides(gates=g)) for g in (gates or [])]
     rows += [(f"adaptive {p}", Overrides(adaptive=p)) for p in (adaptive or [])]
     return rows
 
 
-def evaluate_datasets(model, tokenizer, data: list[str], *, force_K: list[int] | None = None,
+def evaluate_datasets(model, tokenizer, data: list[str], *, K: list[int] | None = None,
                       gates: list[str] | None = None, extra_steps_gain: str = "last", batch_size: int = 8,
                       limit: int | None = None, adaptive: list[AdaptivePolicy] | None = None,
                       exact_match: bool = True, qa_exact_match: bool = True, log=None) -> dict:
@@ -272,7 +298,7 @@ def evaluate_datasets(model, tokenizer, data: list[str], *, force_K: list[int] |
     policy, every row reports the FLOPs its passes really executed (FlopTally)."""
     check_tokenizer(tokenizer, model)
     cfg = model.cfg
-    check_overrides(cfg, K=force_K, gates=gates, K_flag="--force-K", gates_flag="--gates")
+    check_overrides(cfg, K=K, gates=gates, K_flag="--K", gates_flag="--gates")
     for pol in adaptive or []:
         pol.check(cfg)
     for name, value in (("--batch-size", batch_size), ("--limit", limit)):
@@ -289,37 +315,38 @@ def evaluate_datasets(model, tokenizer, data: list[str], *, force_K: list[int] |
             TokenShards(p, "val").check_ids(cfg.vocab_size)
             sources.append((name, "shards", p))
             if (p / "eval_examples.jsonl").is_file():
-                sources.append((f"{name}:examples", "examples", p / "eval_examples.jsonl"))
+                lines = (p / "eval_examples.jsonl").read_text().splitlines()
+                exs = _per_category_limit([json.loads(x) for x in lines if x.strip()], limit)
+                sources.append((f"{name}:examples", "examples", exs))
         elif p.suffix == ".jsonl" and p.is_file():
-            sources.append((name, "qa", p))
+            sources.append((name, "qa", read_jsonl_examples(p, limit=limit)))
         elif p.is_file():
             sources.append((name, "text", p))
         else:
             raise DataError(f"evaluation data not found: {p}")
+    for ds, kind, exs in sources:  # before any evaluation: a set with nothing that fits is an error
+        if kind in ("qa", "examples"):
+            n_skipped = fit_examples(tokenizer, exs, cfg.seq_len)[1]["all"]
+            if log and n_skipped:
+                log(f"{ds}: skipped {n_skipped} of {len(exs)} examples, longer than the context ({cfg.seq_len} "
+                    "tokens)")
     results: dict = {"datasets": [s[0] for s in sources], "variants": {}}
     realised = bool(adaptive)
-    for name, ov in _variants(force_K, gates, cfg.K if cfg.arch in ("loop", "dual") else 1, extra_steps_gain,
+    for name, ov in _variants(K, gates, cfg.K if cfg.arch in ("loop", "dual") else 1, extra_steps_gain,
                               adaptive):
         row = {}
-        for ds, kind, path in sources:
+        for ds, kind, src in sources:  # src: a path, or the examples of a labelled set
             if log:
                 log(f"evaluating {name} on {ds}")
             if kind == "shards":
-                row[ds] = evaluate_shards(model, path, batch_size=batch_size, max_windows=limit, overrides=ov,
+                row[ds] = evaluate_shards(model, src, batch_size=batch_size, max_windows=limit, overrides=ov,
                                           realised=realised)
             elif kind == "text":
-                text = path.read_text(encoding="utf-8", errors="replace")
+                text = src.read_text(encoding="utf-8", errors="replace")
                 row[ds] = evaluate_text(model, tokenizer, text, batch_size, ov, max_windows=limit, realised=realised)
             else:
-                import json
-
-                if kind == "examples":
-                    exs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-                    exs = _per_category_limit(exs, limit)
-                else:
-                    exs = read_jsonl_examples(path, limit=limit)
                 em = exact_match and (kind == "examples" or qa_exact_match)  # GSM8K decoding is long
-                per_cat = evaluate_examples(model, tokenizer, exs, batch_size, ov, em)
+                per_cat = evaluate_examples(model, tokenizer, src, batch_size, ov, em)
                 row[ds] = {**per_cat["all"], "categories": {k: v for k, v in per_cat.items() if k != "all"}}
         results["variants"][name] = row
     return results
@@ -361,6 +388,8 @@ def results_markdown(results: dict) -> str:
             line += f", answer loss {r['answer_loss']:.4f}"
         if r.get("accuracy") is not None:
             line += f", exact match {r['accuracy']:.1%}"
+        if r.get("skipped"):
+            line += f", {r['n']} examples ({r['skipped']} longer than the context skipped)"
         extra.append(line)
         for cat, c in (r.get("categories") or {}).items():
             acc = f", exact match {c['accuracy']:.1%}" if c.get("accuracy") is not None else ""

@@ -240,7 +240,7 @@ class DualPathEvalLM(TemplateLM):
         from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
         from tqdm import tqdm
 
-        from ..generate import generate_tokens
+        from ..generate import decode_until, generate_tokens
 
         out = []
         for req in tqdm(requests, disable=disable_tqdm, desc="Running generate_until requests (dualpath)"):
@@ -256,16 +256,11 @@ class DualPathEvalLM(TemplateLM):
             ids = self.tok_encode(context, left_truncate_len=self.max_length - max_gen)
             if not ids:
                 ids = [self._eot]
-            toks: list[int] = []
-            for tok in generate_tokens(self.model, ids, max_gen, temperature=temperature, top_k=kw.get("top_k"),
-                                       top_p=kw.get("top_p"), seed=self.seed, eos_id=self._eot,
-                                       overrides=self.overrides):
-                if tok == self._eot:
-                    break
-                toks.append(tok)
-                if any(s and s in self.tok_decode(toks) for s in until):
-                    break
-            text = postprocess_generated_text(self.tok_decode(toks), until, None)
+            tokens = generate_tokens(self.model, ids, max_gen, temperature=temperature, top_k=kw.get("top_k"),
+                                     top_p=kw.get("top_p"), seed=self.seed, eos_id=self._eot,
+                                     overrides=self.overrides)
+            text, _, _ = decode_until(self.tokenizer, tokens, eos_id=self._eot, stop=[s for s in until if s])
+            text = postprocess_generated_text(text, until, None)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             out.append(text)
         return out
