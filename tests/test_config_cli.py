@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -382,3 +383,11 @@ def test_installed_entry_point_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in p.stderr
     lines = p.stderr.strip("\n").splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "missing.yaml" in lines[0]
+
+
+def test_output_piped_into_a_closed_reader_stops_quietly():
+    # `dualpath info ... | head` must not end in a BrokenPipeError traceback once the reader has gone
+    cmd = f"{sys.executable} -m dualpath info configs/tiny_dual.yaml | true"
+    res = subprocess.run(cmd, shell=True, cwd=Path(__file__).parent.parent, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
