@@ -588,6 +588,9 @@ def test_bootstrap_interval_and_agreement_by_hand():
     a = agreement(r, o, torch.ones(1, 2, dtype=torch.bool))
     assert a["choice_agreement"] == 0.5 and a["big_agreement"] == 0.75  # skip vs small: same not-big decision
     assert a["router_big_by_layer"] == [0.5, 0.5] and a["oracle_big_by_layer"] == [1.0, 0.5]
+    # ranks with ties averaged, as scipy.stats.rankdata
+    from dualpath.routing.report import _rankdata
+    np.testing.assert_array_equal(_rankdata(np.array([3, 1, 2, 2, 5, 1.0])), [5, 1.5, 3.5, 3.5, 6, 1.5])
 
 
 def test_router_variants_and_held_out_report_through_the_cli(duo_run, tmp_path, capsys):
@@ -637,8 +640,11 @@ def test_router_variants_and_held_out_report_through_the_cli(duo_run, tmp_path, 
     for k in (1, 2):
         assert "training windows" in by[("best single pattern", k)]["note"]
         assert by[("variable-budget oracle", k)]["loss"] <= by[("per-token oracle", k)]["loss"] + 1e-9
+        assert by[("variable-budget oracle", k)]["big_fraction"] <= k / L + 1e-9  # what it really spends
         assert by[("per-token oracle", k)]["loss"] <= by[("best single pattern, in-sample", k)]["loss"]
     assert rep["variable_budget"]["2"]["max_over_budget"] <= 0
+    for c in [*rep["variable_budget"]["2"]["ci"].values(), *rep["layer_preference"].values()]:
+        assert -1 <= c["ci_low"] <= c["ci_high"] <= 1 and -1 <= c["value"] <= 1
     for name in ("variable_budget_by_position.png", "variable_budget_by_difficulty.png", "summary.md"):
         assert (out / name).is_file(), name
     text = (out / "summary.md").read_text()

@@ -34,12 +34,6 @@ def _comparison(rep, a: str, b: str, budget: int):
     return None
 
 
-def _spearman_layers(usage: list[float]) -> float:
-    from .report import spearman
-
-    return spearman(list(range(len(usage))), usage)
-
-
 def _early_exit_share(entry: dict) -> float | None:
     """Among the per-token oracle's winning patterns that skip a layer, the share (by tokens won) whose skips
     are a suffix of the layers (an early exit)."""
@@ -100,20 +94,25 @@ def measure(reps: list[dict], skip_reps: list[dict] | None = None) -> list[dict]
                 f"decile loss(all-small) tokens the per-token oracle at k={mid} improves by < help threshold",
                 "per_seed": [(rep["difficulty"][str(mid)]["share_not_helped_top_decile"], None, None)
                              for rep in reps], "sign": 1, "note": "label-using oracle"})
+    def corr(v, key, name):
+        c = v.get("ci", {}).get(key)
+        return (v[name], c["ci_low"], c["ci_high"]) if c else (v[name], None, None)
+
     if all(rep.get("variable_budget") for rep in reps):
         out.append({"finding": "early tokens use more big modules", "paper": "early tokens use big modules more, "
                     "later tokens less", "measure": f"Spearman(big layers per token, position), variable-budget "
-                    f"oracle, k={mid}", "per_seed": [(rep["variable_budget"][str(mid)]["spearman_vs_position"],
-                                                       None, None) for rep in reps], "sign": -1,
+                    f"oracle, k={mid}", "per_seed": [corr(rep["variable_budget"][str(mid)], "position",
+                                                          "spearman_vs_position") for rep in reps], "sign": -1,
                     "note": "label-using oracle with a sequence-level budget"})
         out.append({"finding": "hard tokens get more compute", "paper": "(the notion of difficulty)", "measure":
                     f"Spearman(big layers per token, loss under all-big), variable-budget oracle, k={mid}",
-                    "per_seed": [(rep["variable_budget"][str(mid)]["spearman_vs_big_loss"], None, None)
+                    "per_seed": [corr(rep["variable_budget"][str(mid)], "big_loss", "spearman_vs_big_loss")
                                  for rep in reps], "sign": 1, "note": "label-using oracle"})
+    k_first = min(k for k in ks if k > 0)
+    late = [rep.get("layer_preference", {}).get(str(k_first)) for rep in reps]
     out.append({"finding": "big modules go to the later layers", "paper": "later layers need capacity",
-                "measure": f"Spearman(layer index, P(big) under the per-sequence oracle), k={min(ks)}",
-                "per_seed": [(_spearman_layers(rep["oracle"]["budgets"][str(min(ks))]["usage"]["big"]
-                                               ["by_layer_sequence"]), None, None) for rep in reps], "sign": 1,
+                "measure": f"Spearman(layer index, P(big) under the per-sequence oracle), k={k_first}",
+                "per_seed": [(v["value"], v["ci_low"], v["ci_high"]) if v else None for v in late], "sign": 1,
                 "note": "chosen with each sequence's labels"})
     if skip_reps:
         kx = max(ks)

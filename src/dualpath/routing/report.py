@@ -90,16 +90,14 @@ def random_patterns(L: int, k: int, n: int, seed: int) -> list[tuple]:
 
 def _rankdata(a: np.ndarray) -> np.ndarray:
     """Ranks with ties averaged (as scipy.stats.rankdata)."""
+    a = np.asarray(a)
     order = np.argsort(a, kind="mergesort")
     s = a[order]
+    first = np.r_[True, s[1:] != s[:-1]] if len(a) else np.zeros(0, dtype=bool)
+    starts = np.flatnonzero(first)
+    counts = np.diff(np.r_[starts, len(a)])
     ranks = np.empty(len(a), dtype=np.float64)
-    i = 0
-    while i < len(a):
-        j = i
-        while j + 1 < len(a) and s[j + 1] == s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1
-        i = j + 1
+    ranks[order] = (starts + 0.5 * (counts - 1) + 1)[np.cumsum(first) - 1]
     return ranks
 
 
@@ -142,6 +140,27 @@ def bootstrap_ci(seq_sums: np.ndarray, counts: np.ndarray, idx: np.ndarray, leve
     m = seq_sums[idx].sum(1) / np.maximum(counts[idx].sum(1), 1)
     a = (1 - level) / 2
     return float(np.quantile(m, a)), float(np.quantile(m, 1 - a))
+
+
+def spearman_ci(x: np.ndarray, y: np.ndarray, valid: np.ndarray, idx: np.ndarray, level: float = 0.95) -> dict:
+    """Spearman correlation of per-token values x, y (N, T) over the valid tokens, with a percentile interval
+    from resampling whole sequences (idx from bootstrap_indices)."""
+    r = spearman(x[valid], y[valid])
+    boots = [spearman(x[i][valid[i]], y[i][valid[i]]) for i in idx]
+    a = (1 - level) / 2
+    return {"value": r, "ci_low": float(np.nanquantile(boots, a)), "ci_high": float(np.nanquantile(boots, 1 - a))}
+
+
+def layer_preference(codes: torch.Tensor, seq_arg: torch.Tensor, idx: np.ndarray, level: float = 0.95) -> dict:
+    """Do the per-sequence oracle's big layers sit late? Spearman(layer index, P(big) per layer) with a
+    percentile interval over resampled sequences; > 0: later layers big more often."""
+    big = (codes[seq_arg.clamp(min=0)] == BIG).double().numpy()  # (N, L)
+    layers = np.arange(big.shape[1])
+    r = spearman(layers, big.mean(0))
+    boots = [spearman(layers, big[i].mean(0)) for i in idx]
+    a = (1 - level) / 2
+    return {"value": r, "ci_low": float(np.nanquantile(boots, a)), "ci_high": float(np.nanquantile(boots, 1 - a)),
+            "big_by_layer": big.mean(0).tolist()}
 
 
 def agreement(router_choice: torch.Tensor, oracle_choice: torch.Tensor, valid: torch.Tensor) -> dict:
@@ -303,9 +322,10 @@ def report(model, batches, budgets, *, random_trials: int = 100, routers=(), wit
         if variable_budget:
             vb = variable_budget_oracle(by_count, valid, k)
             vchoice = variable_choice(entries, vb["counts"])
-            row("variable-budget oracle", k, k / L, vb["loss"], flops_per_token(model, vchoice, T),
+            used = float(vb["counts"][valid].double().mean()) / L  # at most k/L: more is not always better
+            row("variable-budget oracle", k, used, vb["loss"], flops_per_token(model, vchoice, T),
                 vb["tok_loss"].float(), note="upper bound, optimistic: the sequence's k·T big-layer uses shared by "
-                "its tokens, chosen with the labels")
+                "its tokens (at most; it uses what lowers the loss), chosen with the labels")
             c = vb["counts"].double()
             v = valid.double()
             variable[k] = {"by_position": ((c * v).sum(0) / v.sum(0).clamp(min=1)).tolist(),
@@ -315,6 +335,7 @@ def report(model, batches, budgets, *, random_trials: int = 100, routers=(), wit
                            "spearman_vs_big_loss": spearman(c[valid].numpy(), big_tok[valid].numpy()),
                            "spearman_vs_position": spearman(c[valid].numpy(),
                                                             torch.arange(T).expand_as(c)[valid].numpy()),
+                           "_counts": c.numpy(),
                            "share_zero": float((c[valid] == 0).double().mean()),
                            "share_all": float((c[valid] == L).double().mean()),
                            "max_over_budget": vb["max_over_budget"]}
@@ -337,8 +358,17 @@ def report(model, batches, budgets, *, random_trials: int = 100, routers=(), wit
         r["ci_low"], r["ci_high"] = bootstrap_ci(r["_seq"], counts_np, idx) if r["_seq"] is not None else (None, None)
     for a in agreements:
         a["gap_ci_low"], a["gap_ci_high"] = bootstrap_ci(a["_seq"], counts_np, idx)
+    v_np = valid.numpy()
+    pos = np.broadcast_to(np.arange(T), v_np.shape)
+    for k, v in variable.items():  # intervals of the correlations, over the same resampled sequences
+        c = v.pop("_counts")
+        v["ci"] = {"position": spearman_ci(c, pos, v_np, idx),
+                   "small_loss": spearman_ci(c, small_tok.numpy(), v_np, idx),
+                   "big_loss": spearman_ci(c, big_tok.numpy(), v_np, idx)}
+    late = {k: layer_preference(entries[k]["_codes"], entries[k]["_result"]["seq_arg"], idx) for k in ks if 0 < k < L}
     return {"rows": rows, "agreement": agreements, "comparisons": comparisons(rows, counts_np, idx),
-            "difficulty": difficulty, "variable_budget": variable, "oracle": oracle_res, "n_layers": L,
+            "difficulty": difficulty, "variable_budget": variable, "layer_preference": late, "oracle": oracle_res,
+            "n_layers": L,
             "n_sequences": int(valid.shape[0]), "n_tokens": n_tok, "seq_len": T, "random_trials": random_trials,
             "help_threshold": help_threshold, "with_skip": with_skip, "held_out": held_out,
             "n_select_sequences": sum(x.shape[0] for x, _ in select_batches) if held_out else 0,
@@ -426,12 +456,26 @@ def report_markdown(res: dict, title: str = "Duo-LLM routing report") -> str:
                   "and with the token's loss under all-small / all-big, mean big layers in the lowest and highest "
                   "loss(all-small) decile, share of tokens with no big layer and with all.", "",
                   "| k | vs position | vs all-small loss | vs all-big loss | easiest decile | hardest decile | "
-                  "none | all | over budget |", "|---|---|---|---|---|---|---|---|---|"]
+                  "none | all | max over budget (≤ 0) |", "|---|---|---|---|---|---|---|---|---|"]
         for k, v in res["variable_budget"].items():
             d = v["by_small_loss_decile"]
-            lines.append(f"| {k} | {f(v['spearman_vs_position'], '.3f')} | {f(v['spearman_vs_small_loss'], '.3f')} | "
-                         f"{f(v['spearman_vs_big_loss'], '.3f')} | {f(d[0], '.2f')} | {f(d[-1], '.2f')} | "
+            ci_ = v.get("ci", {})
+
+            def sp(key, name):
+                c = ci_.get(key)
+                return f(v[name], '.3f') + (f" [{c['ci_low']:.3f}, {c['ci_high']:.3f}]" if c else "")
+
+            lines.append(f"| {k} | {sp('position', 'spearman_vs_position')} | {sp('small_loss', 'spearman_vs_small_loss')} | "
+                         f"{sp('big_loss', 'spearman_vs_big_loss')} | {f(d[0], '.2f')} | {f(d[-1], '.2f')} | "
                          f"{v['share_zero']:.1%} | {v['share_all']:.1%} | {v['max_over_budget']} |")
+        lines.append("")
+    if res.get("layer_preference"):
+        lines += ["## Where the big layers go", "", "Spearman correlation of layer index and P(big) per layer under the "
+                  "per-sequence oracle (> 0: later layers big more often), with its interval over sequences.", "",
+                  "| k | Spearman | 95% CI | P(big) by layer |", "|---|---|---|---|"]
+        for k, v in res["layer_preference"].items():
+            lines.append(f"| {k} | {f(v['value'], '.3f')} | [{f(v['ci_low'], '.3f')}, {f(v['ci_high'], '.3f')}] | "
+                         + " ".join(f"{u:.2f}" for u in v["big_by_layer"]) + " |")
         lines.append("")
     lines += ["## Token difficulty", "",
               "difficulty = loss(all-small) − loss(per-token oracle at k), per token. \"Not helped\": difficulty < "
