@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 from dualpath import DataError, DualPathLM, ModelConfig
 from dualpath.analysis import (analyze, arith_char_mask, binary_entropy, capture, capture_ids, collapse_diagnostics,
-                               corpus_from_path, decode_with_offsets, encode_with_offsets, get_tagger, layer_means,
-                               p_value, render_html, tag_layer_table, tag_text, tag_tokens, token_class_override)
+                               corpus_from_path, corpus_from_texts, decode_with_offsets, encode_with_offsets,
+                               get_tagger, layer_means, p_value, render_html, tag_corpus, tag_layer_table, tag_text,
+                               tag_tokens, token_class_override)
 from dualpath.analysis import tags as tags_mod
 from dualpath.analysis.corpus import bos_id, split_paragraphs
 
@@ -243,6 +244,34 @@ def test_spacy_tags_follow_words_across_split_tokens(tokenizer):
     for piece, tag in zip(pieces, tags.tolist()):
         assert tag == ("SPACE" if not piece.strip() else "ARITH"), (piece, tag)
 
+
+
+@needs_spacy_model
+def test_batched_spacy_tagging_equals_the_per_text_path(tokenizer, monkeypatch):
+    """tag_corpus streams every document (cut into pieces) through one nlp.pipe; the tags are those of the
+    former path, nlp(piece) per piece of each document, token for token."""
+    tagger = get_tagger(str(SPACY_MODEL))
+    monkeypatch.setattr(tags_mod, "SPACY_MAX_CHARS", 40)  # long documents are tagged in several pieces
+    texts = [*TRAIN_TEXT, FACTS, "Sam reads 3 pages a day.\nHe reads 12 pages in 4 days. #### 12"]
+    corpus = corpus_from_texts("t", texts, tokenizer)
+
+    def per_text(text):
+        out = []
+        for base, piece in tags_mod._pieces(text, tags_mod.SPACY_MAX_CHARS):
+            out += [(base + t.idx, base + t.idx + len(t.text), t.pos_ or "X") for t in tagger.nlp(piece)
+                    if not t.is_space and t.text.strip()]
+        return out
+
+    assert tagger.words_many(corpus.texts) == [per_text(t) for t in corpus.texts]
+    assert sum(len(list(tags_mod._pieces(t, 40))) > 1 for t in corpus.texts) >= 2
+
+    class PerText:  # the former tagger: one nlp() call per piece
+        def words_many(self, texts):
+            return [per_text(t) for t in texts]
+
+    batched = tag_corpus(corpus, tagger)
+    assert batched.tolist() == tag_corpus(corpus, PerText()).tolist()
+    assert len(batched) == corpus.n_tokens and {"NOUN", "ARITH", "SPACE"} <= set(batched.tolist())
 
 def test_arith_rule():
     text = "a well-known 3.5 + 1,000 = x; 7%, 6÷2×3 and/or <<1>> ####, # 5. End"
@@ -503,3 +532,32 @@ def test_command_line_wiring(tmp_path, tokenizer_file, capsys):
     assert run(args) == 0
     out = capsys.readouterr().out
     assert "mean rho_d per layer [facts]" in out and "overrides.csv" not in out
+
+
+def test_cli_report_tables_fit_the_page(tmp_path, tokenizer_file, capsys):
+    """`dualpath analyze`: every table of report.html scrolls inside its own box, and the override table shows
+    each statistic with its random control and p-value."""
+    from dualpath.cli import main
+
+    ckpt = save(tmp_path, random_gates(make_model(hand=False)), tokenizer_file)
+    facts = tmp_path / "facts.txt"
+    facts.write_text(FACTS + "\nThe sum is 12 + 30 = 42. The product is 6 * 7 = 42.\n")
+    out = tmp_path / "o"
+    assert main(["analyze", str(ckpt), "--text", str(facts), "--out", str(out), "--pos-model", "rules",
+                 "--repeats", "2", "--override-to", "wide"]) == 0
+    page = (out / "report.html").read_text()
+    assert re.search(r"\.scroll\{overflow-x:auto", page)
+    tables = re.findall(r"(.{0,20})<table>", page)
+    assert len(tables) >= 4 and all(t.endswith('<div class="scroll">') for t in tables)
+    assert page.count("<table>") == page.count('</table></div>')
+    head = re.search(r"Token-class overrides.*?<thead><tr>(.*?)</tr>", page, re.S).group(1)
+    cols = [html.unescape(re.sub(r"<.*?>", "", c)) for c in re.findall(r"<th>(.*?)</th>", head)]
+    for s in ("delta_all", "delta_class", "delta_next"):
+        i = cols.index(s)
+        assert cols[i + 1:i + 4] == [f"random_{s}_mean", f"random_{s}_std", f"p_{s}"]
+    row = re.search(r"Token-class overrides.*?<tbody><tr>(.*?)</tr>", page, re.S).group(1)
+    cells = re.findall(r"<td>(.*?)</td>", row)
+    p = float(cells[cols.index("p_delta_all")])
+    assert 0 < p <= 1
+    ov = json.loads((out / "summary.json").read_text())["overrides"][0]
+    assert f"{ov['p_delta_all']:.4g}" == cells[cols.index("p_delta_all")]

@@ -21,6 +21,9 @@ from .tags import get_tagger, tag_corpus
 OVERRIDE_COLUMNS = ["dataset", "class", "to", "tokens", "class_tokens", "loss", "loss_class", "loss_forced",
                     *STATS, *[f"random_{s}_mean" for s in STATS], *[f"random_{s}_std" for s in STATS],
                     *[f"p_{s}" for s in STATS], "repeats", "seed"]
+# report.html: each statistic next to its random control and p-value (the CSV keeps OVERRIDE_COLUMNS)
+OVERRIDE_HTML_COLUMNS = ["dataset", "class", "to", "class_tokens", "loss",
+                         *[c for s in STATS for c in (s, f"random_{s}_mean", f"random_{s}_std", f"p_{s}")], "repeats"]
 
 
 def _arrays(corpus: Corpus, cap: dict, tags: np.ndarray) -> dict[str, np.ndarray]:
@@ -228,7 +231,7 @@ def analyze(checkpoint, *, text=None, data=None, jsonl=None, field: str | None =
                          html_table(anchor_res["rows"])))
     if override_rows:
         sections.append(("Token-class overrides (loss change, nats; p: permutation test against random tokens)",
-                         html_table(override_rows, OVERRIDE_COLUMNS)))
+                         html_table(override_rows, OVERRIDE_HTML_COLUMNS)))
     elif override_note:
         sections.append(("Token-class overrides", f'<p class="muted">{override_note}</p>'))
     steps_range = (1.0, float(model.cfg.K)) if arch in ("loop", "dual") else None

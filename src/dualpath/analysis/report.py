@@ -214,8 +214,11 @@ h1{font-size:22px;margin:0 0 6px}h2{font-size:17px;margin:26px 0 8px;border-bott
 .t{border-radius:2px;cursor:default}.t:hover{outline:1px solid #000}
 #tip{position:fixed;display:none;background:#222;color:#fff;padding:6px 8px;border-radius:4px;
   font:12px/1.4 ui-monospace,monospace;pointer-events:none;z-index:5;white-space:pre}
-table{border-collapse:collapse;font-size:12px;margin:6px 0}td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}
-th{background:#f5f5f5}td:first-child,th:first-child{text-align:left}
+.scroll{overflow-x:auto;max-width:100%;margin:6px 0}
+table{border-collapse:collapse;font-size:11px;font-variant-numeric:tabular-nums}
+td,th{border:1px solid #ddd;padding:1px 4px;text-align:right;white-space:nowrap}
+th{background:#f5f5f5;white-space:normal;overflow-wrap:anywhere;vertical-align:bottom;min-width:3.5em}
+td:first-child,th:first-child{text-align:left;position:sticky;left:0;background:#fff}th:first-child{background:#f5f5f5}
 img{max-width:100%;display:block;margin:8px 0}.muted{color:#777}
 #legend span{display:inline-block;width:60px;height:10px;vertical-align:middle;margin:0 4px}
 """
@@ -294,9 +297,11 @@ def html_table(rows: list[dict], columns: list[str] | None = None) -> str:
         columns = []
         for r in rows:
             columns += [k for k in r if k not in columns and not isinstance(r[k], (list, dict))]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    # underscores as break points: long column names wrap instead of widening the table
+    head = "".join(f"<th>{html.escape(c).replace('_', '_<wbr>')}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # a wide table scrolls inside its own box, so the page keeps its width and every column stays reachable
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def token_spans(text: str, start, end, n: int) -> str:

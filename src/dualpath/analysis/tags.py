@@ -40,6 +40,7 @@ DEFAULT_POS_MODEL = "en_core_web_sm"
 RULES = "rules"  # pos_model value that asks for the rule-based tagger (no warning)
 SPACY_EXCLUDE = ("parser", "ner", "lemmatizer", "senter")
 SPACY_MAX_CHARS = 100_000  # text is tagged in pieces of at most this many characters, cut at newlines
+SPACY_BATCH = 64  # pieces per nlp.pipe batch
 
 ARITH_OPERATORS = frozenset("+-*/×÷%=")
 ARITH_MARKERS = ("####", "<<", ">>")
@@ -96,6 +97,9 @@ class RuleTagger:
     name = RULES
     kind = "rules"
 
+    def words_many(self, texts: list[str]) -> list[list[tuple[int, int, str]]]:
+        return [self.words(t) for t in texts]
+
     def words(self, text: str) -> list[tuple[int, int, str]]:
         out = []
         for mt in _RULE_WORD_RE.finditer(text):
@@ -118,13 +122,17 @@ class SpacyTagger:
         self.nlp, self.name = nlp, name
 
     def words(self, text: str) -> list[tuple[int, int, str]]:
-        out = []
-        for base, piece in _pieces(text, SPACY_MAX_CHARS):
-            for doc in [self.nlp(piece)]:
-                for t in doc:
-                    if t.is_space or not t.text.strip():
-                        continue
-                    out.append((base + t.idx, base + t.idx + len(t.text), t.pos_ or UNKNOWN))
+        return self.words_many([text])[0]
+
+    def words_many(self, texts: list[str]) -> list[list[tuple[int, int, str]]]:
+        """Words of every text, all pieces streamed through one `nlp.pipe` (batched: the per-call overhead
+        of nlp(text) dominates on short documents). Pieces are cut as before, so the tags are the same."""
+        pieces = [(d, base, piece) for d, t in enumerate(texts) for base, piece in _pieces(t, SPACY_MAX_CHARS)]
+        out: list[list[tuple[int, int, str]]] = [[] for _ in texts]
+        docs = self.nlp.pipe((p for _, _, p in pieces), batch_size=SPACY_BATCH)
+        for (d, base, _), doc in zip(pieces, docs):
+            out[d] += [(base + t.idx, base + t.idx + len(t.text), t.pos_ or UNKNOWN)
+                       for t in doc if not t.is_space and t.text.strip()]
         return out
 
 
@@ -193,16 +201,32 @@ def tag_tokens(text: str, offsets, tagger, special=None, *, arith: bool = True) 
     offsets: (n, 2) character spans into `text`; special: bool per token. Special tokens' characters are
     blanked before the text is tagged, so they never become words.
     """
-    offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    return tag_documents([text], [offsets], tagger, [special], arith=arith)[0]
+
+
+def tag_documents(texts: list[str], offsets: list, tagger, special: list | None = None, *,
+                  arith: bool = True) -> list[np.ndarray]:
+    """`tag_tokens` of every document, the texts tagged in one batch (`tagger.words_many`)."""
+    offs = [np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in offsets]
+    special = [np.zeros(len(o), bool) if s is None else np.asarray(s, dtype=bool)
+               for o, s in zip(offs, special or [None] * len(offs))]
+    clean = [_blank(t, o, s) for t, o, s in zip(texts, offs, special)]
+    return [_carry(c, o, s, w, arith) for c, o, s, w in zip(clean, offs, special, tagger.words_many(clean))]
+
+
+def _blank(text: str, offs: np.ndarray, special: np.ndarray) -> str:
+    """`text` with the characters of special tokens replaced by spaces."""
+    if not special.any():
+        return text
+    chars = list(text)
+    for s, e in offs[special]:
+        chars[s:e] = " " * (e - s)
+    return "".join(chars)
+
+
+def _carry(clean: str, offs: np.ndarray, special: np.ndarray, words, arith: bool) -> np.ndarray:
+    """Rules 1-4 for the tokens of one document, given its words."""
     n = len(offs)
-    special = np.zeros(n, bool) if special is None else np.asarray(special, dtype=bool)
-    clean = text
-    if special.any():
-        chars = list(text)
-        for s, e in offs[special]:
-            chars[s:e] = " " * (e - s)
-        clean = "".join(chars)
-    words = tagger.words(clean)
     w_start = [w[0] for w in words]
     w_end = [w[1] for w in words]
     amask = arith_char_mask(clean) if arith else None
@@ -234,7 +258,7 @@ def tag_tokens(text: str, offsets, tagger, special=None, *, arith: bool = True) 
 
 def tag_corpus(corpus, tagger) -> np.ndarray:
     """Tags for every token of a Corpus, flat over its documents."""
-    parts = [tag_tokens(t, o, tagger, s) for t, o, s in zip(corpus.texts, corpus.offsets, corpus.special)]
+    parts = tag_documents(corpus.texts, corpus.offsets, tagger, corpus.special)
     return np.concatenate(parts) if parts else np.zeros(0, dtype="<U8")
 
 
