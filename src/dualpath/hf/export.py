@@ -12,7 +12,7 @@
         README.md
 
     AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True[, K=2, gates="deep-only"])
-    AutoTokenizer.from_pretrained(OUT_DIR, trust_remote_code=True)   # (False works too; None asks)
+    AutoTokenizer.from_pretrained(OUT_DIR, trust_remote_code=True)   # or PreTrainedTokenizerFast.from_pretrained(OUT_DIR); omitted: transformers asks (docs/HF_AND_LM_EVAL.md)
 
 The folder is written to a temporary sibling and renamed into place; a non-empty OUT_DIR is refused
 unless overwrite=True.
