@@ -2,7 +2,7 @@
 # The Duo-LLM experiment of docs/DUO.md on the 12-layer default (configs/duo_12l.yaml), resumable: every step
 # is skipped when its output exists, and training resumes from its last checkpoint.
 #   per seed: stage 1 (random routing), routers (every kind and variant), the held-out report (bs oracles, the
-#   variable-budget oracle), the with-skip report; then the findings over seeds (findings.md).
+#   variable-budget oracle), the with-skip report; then the findings over seeds ($OUT/findings/findings.md).
 # The full run: scripts/duo_12layer.sh (about 2 CPU hours on 2 cores). The shortened check of docs/DUO.md:
 #   OUT=runs/duo12_check SEEDS=0 STEPS=300 ROUTER_STEPS=60 VAL=16 SELECT=16 LABELS=16 TRIALS=20 BOOT=200 \
 #   THREADS=1 scripts/duo_12layer.sh
@@ -69,4 +69,4 @@ reports=()
 for seed in $SEEDS; do reports+=("$OUT/seed$seed/report"); done
 skips=()
 for seed in $SEEDS; do skips+=(--skip-report "$OUT/seed$seed/report_skip"); done
-$PY/dualpath duo findings "${reports[@]}" "${skips[@]}" --out "$OUT/findings.md"
+$PY/dualpath duo findings "${reports[@]}" "${skips[@]}" --out "$OUT/findings"

@@ -563,14 +563,16 @@ def test_variable_budget_oracle_keeps_its_budget_and_is_the_fixed_oracle_when_un
 def test_findings_verdicts():
     from dualpath.routing.findings import verdict
 
-    def rec(vals, sign, finding="x"):
-        return {"finding": finding, "per_seed": vals, "sign": sign}
+    def rec(vals, sign, **kw):
+        return {"finding": "x", "per_seed": vals, "sign": sign, **kw}
 
     assert verdict(rec([(-0.2, -0.3, -0.1)] * 3, -1)) == "reproduced"
-    assert verdict(rec([(-0.2, -0.3, -0.1), (-0.1, -0.2, 0.05)], -1)) == "mixed"  # an interval crosses 0
+    assert verdict(rec([(-0.2, -0.3, -0.1), (-0.1, -0.2, 0.05)], -1)) == "inconclusive"  # an interval holds 0
+    assert verdict(rec([(-0.1, -0.3, 0.1)], 1)) == "inconclusive"  # the wrong sign, but not excluded
     assert verdict(rec([(0.2, 0.1, 0.3)] * 2, -1)) == "not reproduced"
     assert verdict(rec([(0.01, -0.02, 0.04)] * 2, 0)) == "reproduced"  # no difference
-    assert verdict(rec([(0.3, None, None)], 1)) == "reproduced"  # no interval: the value's sign
+    assert verdict(rec([(0.3, None, None)], 1)) == "reproduced"  # no interval: the value's side
+    assert verdict(rec([(0.03, None, None)], -1, ref=0.5)) == "reproduced"  # below the reference
     assert verdict(rec([None, None], 1)).startswith("untestable")
 
 
@@ -650,23 +652,24 @@ def test_router_variants_and_held_out_report_through_the_cli(duo_run, tmp_path, 
     text = (out / "summary.md").read_text()
     assert "Skip semantics" in text and "Agreement with the per-token oracle" in text and "95% CI" in text
     # the findings over "seeds" (the same report twice): each number is the report's own
-    f = tmp_path / "findings.md"
+    fdir = tmp_path / "findings"
     assert main(["duo", "findings", str(out), str(out), "--skip-report", str(out), "--skip-report", str(out),
-                 "--out", str(f)]) == 0
-    recs = json.loads(f.with_suffix(".json").read_text())
+                 "--out", str(fdir)]) == 0
+    f = fdir / "findings.md"
+    recs = json.loads((fdir / "findings.json").read_text())
     by_f = {r["finding"]: r for r in recs}
     c = next(c for c in rep["comparisons"] if c["a"] == "per-token oracle" and c["b"] == "random routing"
              and c["budget"] == 2)
     assert by_f["oracle routing beats random routing"]["per_seed"] == [[c["delta"], c["ci_low"], c["ci_high"]]] * 2
-    expect = "reproduced" if c["ci_high"] < 0 else "not reproduced" if c["delta"] >= 0 else "mixed"
+    expect = "reproduced" if c["ci_high"] < 0 else "not reproduced" if c["ci_low"] > 0 else "inconclusive"
     assert by_f["oracle routing beats random routing"]["verdict"] == expect
     c1 = next(c for c in rep["comparisons"] if c["a"] == "per-token oracle" and c["b"] == "all-big"
               and c["budget"] == 1)
     assert by_f["one big layer, well placed, beats all-big"]["per_seed"][0] == [c1["delta"], c1["ci_low"], c1["ci_high"]]
     assert "router oracle/post/bsx/mlp8 stays far from the oracle" in by_f
     assert "| oracle routing beats random routing |" in f.read_text()
-    assert main(["duo", "findings", str(tmp_path / "nothing"), "--out", str(tmp_path / "g.md")]) == 2
-    assert not (tmp_path / "g.md").exists()
+    assert main(["duo", "findings", str(tmp_path / "nothing"), "--out", str(tmp_path / "g")]) == 2
+    assert not (tmp_path / "g").exists()
 
 
 @pytest.mark.parametrize("args,message", [

@@ -475,7 +475,7 @@ def cmd_duo_findings(args) -> int:
     from .routing.findings import run_findings
 
     run_findings(args.reports, args.out, skip_dirs=args.skip_report or ())
-    print(Path(args.out).read_text())
+    print(Path(args.out, "findings.md").read_text())
     return 0
 
 
@@ -679,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = dsub.add_parser("findings", help="the paper's findings over the reports of several seeds (docs/DUO.md)")
     s.add_argument("reports", nargs="+", help="`duo report` output folders, one per seed")
     s.add_argument("--skip-report", action="append", help="the same seeds' --with-skip reports (repeatable)")
-    s.add_argument("--out", required=True, help="markdown file (a .json beside it)")
+    s.add_argument("--out", required=True, help="output folder: findings.md, findings.json")
     s.set_defaults(func=cmd_duo_findings)
 
     s = sub.add_parser("sweep", help="iso-FLOP grid: budgets x architectures x K x alpha x seeds")

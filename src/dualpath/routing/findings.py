@@ -77,7 +77,7 @@ def measure(reps: list[dict], skip_reps: list[dict] | None = None) -> list[dict]
         paired(f"router {name} lands near best-of-N, not the oracle", "trained routers perform like the best of 100 "
                "random trials, far from the oracle", f"router − best of N random patterns, k={mid}",
                f"trained router {name}", "best of N random patterns", mid, sign=0,
-               note="verdict: reproduced when the interval holds 0 or is small next to the oracle gap")
+               note="reproduced: every interval holds 0 (no difference from best-of-N)")
         gaps, agree = [], []
         for rep in reps:
             a = next((x for x in rep.get("agreement", []) if x["router"] == name and int(x["budget"]) == mid), None)
@@ -108,39 +108,47 @@ def measure(reps: list[dict], skip_reps: list[dict] | None = None) -> list[dict]
                     f"Spearman(big layers per token, loss under all-big), variable-budget oracle, k={mid}",
                     "per_seed": [corr(rep["variable_budget"][str(mid)], "big_loss", "spearman_vs_big_loss")
                                  for rep in reps], "sign": 1, "note": "label-using oracle"})
-    k_first = min(k for k in ks if k > 0)
-    late = [rep.get("layer_preference", {}).get(str(k_first)) for rep in reps]
-    out.append({"finding": "big modules go to the later layers", "paper": "later layers need capacity",
-                "measure": f"Spearman(layer index, P(big) under the per-sequence oracle), k={k_first}",
-                "per_seed": [(v["value"], v["ci_low"], v["ci_high"]) if v else None for v in late], "sign": 1,
-                "note": "chosen with each sequence's labels"})
+    for k in ks:  # every budget, so that none is picked after the fact
+        late = [rep.get("layer_preference", {}).get(str(k)) for rep in reps]
+        if any(late):
+            out.append({"finding": "big modules go to the later layers", "paper": "later layers need capacity",
+                        "measure": f"Spearman(layer index, P(big) under the per-sequence oracle), k={k}",
+                        "per_seed": [(v["value"], v["ci_low"], v["ci_high"]) if v else None for v in late],
+                        "sign": 1, "note": "chosen with each sequence's labels"})
     if skip_reps:
         kx = max(ks)
         out.append({"finding": "skips are not an early exit", "paper": "layer-skipping patterns do not follow "
                     "simple early-exit strategies", "measure": f"share of skipping per-token oracle wins whose skips "
                     f"are a suffix of the layers, k={kx}", "per_seed": [
                         (v, None, None) if (v := _early_exit_share(rep["oracle"]["budgets"][str(kx)])) is not None
-                        else None for rep in skip_reps], "sign": -1, "note": "label-using oracle; low = not early exit"})
+                        else None for rep in skip_reps], "sign": -1, "ref": 0.5,
+                    "note": "label-using oracle; below one half: mostly not an early exit"})
     return out
 
 
 def verdict(rec: dict) -> str:
-    vals = [v for v in rec["per_seed"] if v is not None]
+    """reproduced: every seed on the finding's side of the reference (its whole interval, where there is one);
+    not reproduced: every seed on the other side; inconclusive otherwise (an interval holds the reference, or
+    the seeds disagree). For "no difference" findings (sign 0): reproduced when every interval holds 0."""
+    vals = [v for v in rec["per_seed"] if v is not None and v[0] is not None]
     if not vals:
         return "untestable (not measured)"
     if rec["sign"] is None:
         return "descriptive"
-    have_ci = all(v[1] is not None for v in vals)
+    ref = rec.get("ref", 0.0)
     if rec["sign"] == 0:
-        return "reproduced" if have_ci and all(v[1] <= 0 <= v[2] for v in vals) else "not reproduced"
+        if any(v[1] is None for v in vals):
+            return "inconclusive (no interval)"
+        return "reproduced" if all(v[1] <= ref <= v[2] for v in vals) else "not reproduced"
+    lo = [(v[1] if v[1] is not None else v[0]) - ref for v in vals]
+    hi = [(v[2] if v[2] is not None else v[0]) - ref for v in vals]
     if rec["sign"] < 0:
-        ok = all((v[2] if have_ci else v[0]) < 0 for v in vals)
-        return "reproduced" if ok else ("not reproduced" if all(v[0] >= 0 for v in vals) else "mixed")
-    if rec["finding"].startswith("some high-loss"):
-        ok = all(v[0] > 0 for v in vals)
-    else:
-        ok = all((v[1] if have_ci else v[0]) > 0 for v in vals)
-    return "reproduced" if ok else ("not reproduced" if all(v[0] <= 0 for v in vals) else "mixed")
+        lo, hi = [-h for h in hi], [-x for x in lo]  # now the finding's side is > 0
+    if all(x > 0 for x in lo):
+        return "reproduced"
+    if all(h < 0 for h in hi):
+        return "not reproduced"
+    return "inconclusive"
 
 
 def findings_markdown(records: list[dict], sources: list[str]) -> str:
@@ -166,7 +174,8 @@ def findings_markdown(records: list[dict], sources: list[str]) -> str:
 
 
 def run_findings(report_dirs, out, skip_dirs=()) -> list[dict]:
-    """`dualpath duo findings`: read each seed's report (and with-skip report), write the findings table."""
+    """`dualpath duo findings`: read each seed's report (and with-skip report), write OUT/findings.md and
+    OUT/findings.json."""
     from ..fileio import atomic_write_text
 
     if not report_dirs:
@@ -174,11 +183,10 @@ def run_findings(report_dirs, out, skip_dirs=()) -> list[dict]:
     reps = [load_report(p) for p in report_dirs]
     skips = [load_report(p) for p in skip_dirs] if skip_dirs else None
     out = Path(out)
-    if out.is_dir():
-        raise DataError(f"--out {out} is a folder: give a file name such as findings.md")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} exists and is not a folder")
     records = measure(reps, skips)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, findings_markdown(records, [str(p) for p in report_dirs]))
-    atomic_write_text(out.with_suffix(".json"), json.dumps(
-        [dict(r, verdict=verdict(r)) for r in records], indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "findings.md", findings_markdown(records, [str(p) for p in report_dirs]))
+    atomic_write_text(out / "findings.json", json.dumps([dict(r, verdict=verdict(r)) for r in records], indent=1))
     return records
