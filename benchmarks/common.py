@@ -13,9 +13,29 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def load() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the system does not say): a loaded machine's
+    timings are noisy, so every result records the load it was measured under."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or
-            platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
+            "arch": platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "load": load()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

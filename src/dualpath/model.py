@@ -523,6 +523,32 @@ class Attention(nn.Module):
         return self.flops(1, 1, 0 if convention == "paper" else seq_len)
 
 
+def attend_fused(blocks, x, rope) -> list[torch.Tensor]:
+    """[b.attn(b.attn_norm(x), rope) for b in blocks] without a cache, computed together: one normalisation
+    (each norm's weight folded into its q/k/v rows), one q/k/v GEMM, one RoPE and one QK-norm pass, and one
+    attention call over every block's heads side by side. The blocks' attentions share their shapes."""
+    B, T, _ = x.shape
+    attns = [b.attn for b in blocks]
+    a, n = attns[0], len(blocks)
+    H, Hkv, D = n * a.n_heads, n * a.n_kv_heads, a.head_dim
+    norms = [b.attn_norm.weight for b in blocks]
+    w = torch.cat([getattr(t, name).weight * g for name in ("wq", "wk", "wv") for t, g in zip(attns, norms)])
+    qkv = F.linear(F.rms_norm(x, (x.shape[-1],), eps=blocks[0].attn_norm.eps), w)
+    qk = qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D)  # rows per head: every q head, then every k head
+    qk = apply_rope(qk, rope[0].unsqueeze(1), rope[1].unsqueeze(1))
+    if a.q_norm is not None:
+        g = torch.cat([t.q_norm.weight.expand(a.n_heads, D) for t in attns]
+                      + [t.k_norm.weight.expand(a.n_kv_heads, D) for t in attns])
+        qk = F.rms_norm(qk, (D,), eps=a.q_norm.eps) * g
+    q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
+    v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D).transpose(1, 2)
+    if a.n_rep > 1:  # query head j of block j // n_heads reads kv head j // n_rep of the same block
+        k, v = k.repeat_interleave(a.n_rep, dim=1), v.repeat_interleave(a.n_rep, dim=1)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, H * D)
+    width = a.n_heads * D
+    return [t.wo(y[..., i * width:(i + 1) * width]) for i, t in enumerate(attns)]
+
+
 class SwiGLU(nn.Module):
     """FFN(x) = W2(silu(W1 x) ⊙ W3 x), hidden = m·ceil(floor(2·d_ffn/3)/m)."""
 
@@ -562,8 +588,14 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, d_ffn, cfg.ffn_multiple)
 
-    def forward(self, x, s, rope, cache=None, cache_key=None):
-        u = _residual(x, s, self.attn(self.attn_norm(x), rope, cache, cache_key))
+    fast = True  # False: the reference path (separate q/k/v, norm, RoPE), which equivalence tests compare to
+
+    def forward(self, x, s, rope, cache=None, cache_key=None, attn=None):
+        """attn: Attn(RMSNorm(x)) if already computed (attend_fused over several blocks reading x)."""
+        if attn is None:
+            attn = (attend_fused([self], x, rope)[0] if self.fast and cache is None
+                    else self.attn(self.attn_norm(x), rope, cache, cache_key))
+        u = _residual(x, s, attn)
         return _residual(u, s, self.ffn(self.ffn_norm(u)))
 
     def step_rows(self, h, s, run, run_mask, fresh, rope, T: int, kv, cache=None, cache_key=None):
@@ -640,7 +672,8 @@ class LoopPath(nn.Module):
         return gains
 
     def forward(self, x, rope, K=None, cache=None, layer=0, diag: dict | None = None, extra_steps_gain="last",
-                tally: FlopTally | None = None):
+                tally: FlopTally | None = None, attn0=None):
+        """attn0: the first step's attention output, if computed with the wide path's (attend_fused)."""
         K = K or self.K
         gains = self.step_gains(K, extra_steps_gain)
         if tally is not None:
@@ -653,7 +686,7 @@ class LoopPath(nn.Module):
         out = None
         halt_weights, halt_probs = [], []
         for k in range(K):
-            h = self.block(h, gains[k], rope, cache, (layer, "deep", k))
+            h = self.block(h, gains[k], rope, cache, (layer, "deep", k), attn0 if k == 0 else None)
             if k == K - 1:
                 w = remaining if remaining is not None else torch.ones_like(h[..., 0])
             else:
@@ -797,11 +830,11 @@ class WidePath(nn.Module):
     def gain(self):
         return F.softplus(self.beta) if self.beta is not None else 1.0
 
-    def forward(self, x, rope, cache=None, layer=0, tally: FlopTally | None = None):
+    def forward(self, x, rope, cache=None, layer=0, tally: FlopTally | None = None, attn=None):
         if tally is not None:
             n = x.shape[0] * x.shape[1]
             tally.add(layer, "wide", 0, self.block.flops(n, n, n * (x.shape[1] + (cache.pos if cache else 0))))
-        return self.block(x, self.gain(), rope, cache, (layer, "wide", 0))
+        return self.block(x, self.gain(), rope, cache, (layer, "wide", 0), attn)
 
     def forward_adaptive(self, x, rope, run=None, cache=None, layer=0, tally: FlopTally | None = None):
         """The wide block for the tokens in run ((B, T) bool; None: all) only; the others get x. Every token
@@ -983,9 +1016,12 @@ class DualLayer(nn.Module):
         deep_off, wide_off = ov.paths_off() if diag is None and cache is None else (False, False)
         pol = ov.adaptive
         if pol is None:
+            a_d = a_w = None
+            if self.deep.block.fast and cache is None and not (deep_off or wide_off):  # both read x
+                a_d, a_w = attend_fused([self.deep.block, self.wide.block], x, rope)
             h_deep = None if deep_off else self.deep(x, rope, ov.K, cache, self.index, diag, ov.extra_steps_gain,
-                                                     tally)
-            h_wide = None if wide_off else self.wide(x, rope, cache, self.index, tally)
+                                                     tally, a_d)
+            h_wide = None if wide_off else self.wide(x, rope, cache, self.index, tally, a_w)
         else:  # gates first: they decide which tokens take which path
             run_d = g_d >= pol.deep if pol.deep is not None else None
             run_w = g_w >= pol.wide if pol.wide is not None else None
@@ -1316,6 +1352,41 @@ def init_module(m: nn.Module, cfg) -> None:
         m.reset_routing_parameters()
 
 
+class _TokenCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of (N, V) logits, row chunk by row chunk: the fp32 log-probabilities of one chunk
+    exist at a time (the backward recomputes the softmax), never the whole batch's."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index: int, chunk: int):
+        out = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+        keep = targets != ignore_index
+        safe = torch.where(keep, targets, 0).unsqueeze(1)
+        for s in range(0, logits.shape[0], chunk):
+            logp = torch.log_softmax(logits[s:s + chunk].float(), dim=-1)
+            out[s:s + chunk] = -logp.gather(1, safe[s:s + chunk]).squeeze(1)
+        ctx.save_for_backward(logits, safe, keep)
+        ctx.chunk = chunk
+        return torch.where(keep, out, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, safe, keep = ctx.saved_tensors
+        g = torch.where(keep, grad, 0.0).unsqueeze(1)
+        out = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], ctx.chunk):
+            p = torch.softmax(logits[s:s + ctx.chunk].float(), dim=-1)
+            p.scatter_add_(1, safe[s:s + ctx.chunk], torch.full_like(safe[s:s + ctx.chunk], -1, dtype=p.dtype))
+            out[s:s + ctx.chunk] = p.mul_(g[s:s + ctx.chunk])
+        return out, None, None, None
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
+                        chunk: int = 128) -> torch.Tensor:
+    """F.cross_entropy(logits.float(), targets, ignore_index, reduction="none") over (N, V) logits (0 where the
+    target is ignored), without the full fp32 log-probabilities the fused kernel keeps for its backward."""
+    return _TokenCrossEntropy.apply(logits, targets, ignore_index, chunk)
+
+
 # ----------------------------------------------------------------------------------------------
 # The language model
 
@@ -1366,6 +1437,17 @@ class DualPathLM(nn.Module):
         # post-order (children first), so a layer can override the default init of its own router
         self.apply(lambda m: init_module(m, self.cfg))
 
+    fast = True
+
+    def set_fast(self, enabled: bool = True) -> "DualPathLM":
+        """Fused attention paths and the chunked loss on (the default) or off (the reference path); both compute
+        the same function."""
+        self.fast = enabled
+        for m in self.modules():
+            if isinstance(m, Block):
+                m.fast = enabled
+        return self
+
     def forward(self, idx, targets=None, *, overrides: Overrides | None = None, return_per_token_loss=False,
                 return_diagnostics=False, cache: KVCache | None = None, choices=None,
                 sample_keys: torch.Tensor | None = None, flops: FlopTally | None = None) -> LMOutput:
@@ -1411,8 +1493,9 @@ class DualPathLM(nn.Module):
             flops.tokens += B * T
         out = LMOutput(logits=logits, diagnostics=diagnostics)
         if targets is not None:
-            per_tok = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                      ignore_index=-1, reduction="none").view(B, T)
+            flat, tgt = logits.view(-1, logits.size(-1)), targets.reshape(-1)
+            per_tok = (token_cross_entropy(flat, tgt) if self.fast else
+                       F.cross_entropy(flat.float(), tgt, ignore_index=-1, reduction="none")).view(B, T)
             n = (targets != -1).sum().clamp(min=1)
             out.loss = per_tok.sum() / n
             if self._wants_ponder(targets) and ponder:
