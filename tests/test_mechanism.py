@@ -3,6 +3,7 @@
 import csv
 import json
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,3 +195,19 @@ def test_mechanism_command_writes_consistent_tables(tmp_path):
     assert main(["mechanism", str(out), "--quick", "--seeds", "0,1", "--tokens", "4096", "--skip-gate-study",
                  "--world-seed", "0"]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")} == stamps
+
+
+def test_the_shipped_dose_response_sweep_is_the_demos_setup():
+    from dualpath.experiments.demo import BACKBONE, BUDGET, DEMO_SYNTHETIC, TOKENS, solve_arms
+    from dualpath.experiments.sweep import load_sweep, mismatches, plan
+
+    sweep = load_sweep(Path(__file__).parent.parent / "configs/sweeps/mechanism_dose_response.yaml")
+    assert sweep.synthetic.settings == DEMO_SYNTHETIC and sweep.synthetic.dial == "recall_facts"
+    assert sweep.budgets == [BUDGET] and sweep.tokens == [TOKENS] and sweep.protocol == "tokens"
+    assert sweep.seeds == [0, 1, 2] and len(sweep.synthetic.values) >= 3
+    runs = plan(sweep)
+    assert len(runs) == 3 * 3 * len(sweep.synthetic.values) and not mismatches(runs)
+    demo = {r["config"].arch: r["config"] for r in solve_arms()}
+    for r in runs:  # the demo's models, widths included
+        assert r.config.model == demo[r.config.model.arch] and r.tokens == TOKENS, r.folder
+        assert r.config.model.d_model == BACKBONE["d_model"] and r.config.model.seq_len == BACKBONE["seq_len"]

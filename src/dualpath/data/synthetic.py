@@ -173,6 +173,7 @@ class SyntheticConfig:
     recall_value_digits: int = 2  # digits of a recall value (1: 0-9, d > 1: uniform over d-digit numbers)
     chain_steps_min: int = 1  # compute dial: dependent mod-10 operations per chain, uniform in [min, max]
     chain_steps_max: int = 3
+    chain_ops: str = "mod10"  # mod10: invertible mod-10 steps (no shortcut) | sum: plain sums of digits
     mix_hops: float = 0.0
     # Hops defaults: the only setting seen to learn at laptop scale (needs ~1.5M tokens; see docs/SYNTHETIC.md).
     hops_min: int = 0  # compute dial: copies between the queried variable and its root, uniform in [min, max]
@@ -192,6 +193,8 @@ class SyntheticConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ConfigError(f"synthetic.{name} must be a finite number, got {v!r}")
+        if self.chain_ops not in CHAIN_OPS:
+            raise ConfigError(f"synthetic.chain_ops must be one of {', '.join(CHAIN_OPS)}, got {self.chain_ops!r}")
         if not 0 <= self.n_relations <= len(RELATIONS):
             raise ConfigError(f"synthetic.n_relations must be in [0, {len(RELATIONS)}], got {self.n_relations}")
         lo = max(2, self.n_relations + 1)  # everyone needs n_relations distinct others
@@ -595,7 +598,12 @@ def recall_line(key: str, value: str) -> str:
 CHAIN_MULTIPLIERS = (3, 7, 9)
 
 
-def chain_value(start: int, ops: list[tuple[str, int]]) -> int:
+CHAIN_OPS = ("mod10", "sum")  # mod10: the bijections above; sum: "7 +3 +5 = 15", plain sums of digits
+
+
+def chain_value(start: int, ops: list[tuple[str, int]], kind: str = "mod10") -> int:
+    if kind == "sum":
+        return start + sum(d for _, d in ops)
     x = start
     for op, d in ops:
         x = (x + d if op == "+" else x - d if op == "-" else x * d) % 10
@@ -603,20 +611,21 @@ def chain_value(start: int, ops: list[tuple[str, int]]) -> int:
 
 
 def chain_held_out(key: str, fraction: float) -> bool:
-    """One-step chains are the primitives (210 digit/operation pairs): always trained, never held out, so a
-    held-out chain is an unseen composition of seen steps, not an unseen fact."""
+    """One-step chains are the primitives (210 digit/operation pairs, 90 for sums): always trained, never held
+    out, so a held-out chain is an unseen composition of seen steps, not an unseen fact."""
     return key.count("+") + key.count("-") + key.count("*") > 1 and held_out(key, fraction)
 
 
-def _chain(rng: random.Random, steps: int) -> tuple[str, str, str]:
+def _chain(rng: random.Random, steps: int, kind: str = "mod10") -> tuple[str, str, str]:
     """(key, prompt, answer); the key is the whole problem, e.g. "chain/7+3*3-5"."""
     start = rng.randrange(10)
     ops = []
     for _ in range(steps):
-        op = rng.choice("+-*")
+        op = "+" if kind == "sum" else rng.choice("+-*")
         ops.append((op, rng.choice(CHAIN_MULTIPLIERS) if op == "*" else rng.randint(1, 9)))
     terms = [f"{op}{d}" for op, d in ops]
-    return f"chain/{start}{''.join(terms)}", f"{start} {' '.join(terms)} = ", str(chain_value(start, ops))
+    return (f"chain/{start}{''.join(terms)}", f"{start} {' '.join(terms)} = ",
+            str(chain_value(start, ops, kind)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -759,7 +768,7 @@ def train_documents(cfg: SyntheticConfig, seed_offset: int = 0) -> Iterator[str]
         return _gsm(rng, first_names)
 
     def chain():
-        return _chain(rng, rng.randint(cfg.chain_steps_min, cfg.chain_steps_max))
+        return _chain(rng, rng.randint(cfg.chain_steps_min, cfg.chain_steps_max), cfg.chain_ops)
 
     def hops():
         return _hops_train(rng, cfg)
@@ -893,7 +902,7 @@ def _eval_chain(cfg: SyntheticConfig, n: int) -> list[dict]:
         raise DataError("chain eval needs compositions: raise chain_steps_max to 2 or more (one-step chains are "
                         "all in training)")
     return _round_robin(cfg, "chain", "steps", range(max(2, cfg.chain_steps_min), cfg.chain_steps_max + 1), n,
-                        _chain, "raise chain_steps_max", chain_held_out)
+                        lambda rng, k: _chain(rng, k, cfg.chain_ops), "raise chain_steps_max", chain_held_out)
 
 
 def _eval_hops(cfg: SyntheticConfig, n: int) -> list[dict]:
