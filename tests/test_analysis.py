@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from dualpath import DataError, DualPathLM, ModelConfig
 from dualpath.analysis import (analyze, arith_char_mask, binary_entropy, capture, capture_ids, collapse_diagnostics,
                                corpus_from_path, corpus_from_texts, decode_with_offsets, encode_with_offsets,
-                               get_tagger, layer_means, p_value, render_html, tag_corpus, tag_layer_table, tag_text,
-                               tag_tokens, token_class_override)
+                               forced_losses, get_tagger, layer_means, p_value, render_html, tag_corpus,
+                               tag_layer_table, tag_text, tag_tokens, token_class_override)
 from dualpath.analysis import tags as tags_mod
 from dualpath.analysis.corpus import bos_id, split_paragraphs
 
@@ -372,6 +372,69 @@ def test_forcing_a_class_changes_only_its_gates(tokenizer):
     assert abs(res["delta_all"] - (np.nanmean(forced["loss"]) - np.nanmean(base["loss"]))) < 1e-5
     none = token_class_override(model, [ids], tags, cls="NOPE", repeats=2, bos=eos)
     assert none["class_tokens"] == 0 and math.isnan(none["p_delta_all"])
+
+
+def test_fast_override_equals_the_straightforward_path(tokenizer):
+    """token_class_override runs only the windows a mask touches, all masks in shared batches, and copies the
+    unforced loss elsewhere; its statistics and p-values equal one full forced pass per mask (docstring)."""
+    texts = [TRAIN_TEXT[0], TRAIN_TEXT[1], "The bird sang on the mat.", TRAIN_TEXT[2], *FACTS.split("\n\n")]
+    corpus = corpus_from_texts("mix", texts, tokenizer)
+    tags = tag_corpus(corpus, get_tagger("rules"))
+    docs, eos, special = corpus.ids, corpus.bos, np.concatenate(corpus.special)
+    lens = [len(d) for d in docs]
+    model = random_gates(make_model(hand=False))
+    kw = dict(bos=eos, chunk_len=8, batch_size=3)  # 8-token windows: many hold no ARITH token
+    base = capture_ids(model, docs, **kw)["loss"].astype(np.float64)
+    rows = []
+    hook = model.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    cls, R, seed = tags == "ARITH", 6, 2
+    n_windows = sum(-(-(n + 1) // 8) for n in lens)
+    for to in ("wide", "deep"):
+        rows.clear()
+        fast = token_class_override(model, docs, tags, cls="ARITH", to=to, repeats=R, seed=seed, base_loss=base,
+                                    special=special, **kw)
+        assert 0 < sum(rows) < (1 + R) * n_windows  # untouched windows did not run
+
+        def full(mask):  # the straightforward path: every window, one pass per mask
+            forced = capture_ids(model, docs, token_mask=mask, token_mask_to=to, diagnostics=False, **kw)["loss"]
+            d, ok = forced.astype(np.float64) - base, np.isfinite(base)
+            nxt = np.zeros_like(mask)
+            nxt[1:] = mask[:-1]
+            nxt[np.cumsum([0, *lens[:-1]])] = False
+            return {"delta_all": d[ok].mean(), "delta_class": d[cls & ok].mean(), "delta_next": d[nxt & ok].mean()}
+
+        obs = full(cls)
+        eligible = np.flatnonzero(~special)
+        ref = {s: [] for s in obs}
+        for r in range(R):
+            mask = np.zeros(cls.size, bool)
+            mask[np.random.default_rng([seed, r]).choice(eligible, size=int(cls.sum()), replace=False)] = True
+            for s, v in full(mask).items():
+                ref[s].append(v)
+        for s in obs:
+            assert fast[s] == pytest.approx(obs[s], abs=1e-6) and obs[s] != 0
+            assert np.allclose(fast["random"][s], ref[s], rtol=0, atol=1e-6)
+            assert fast[f"p_{s}"] == p_value(obs[s], ref[s])
+            assert fast[f"random_{s}_std"] == pytest.approx(np.std(ref[s], ddof=1), abs=1e-6)
+    hook.remove()
+
+
+def test_forced_losses_copy_the_unforced_loss_before_the_first_forced_token(tokenizer):
+    ids, _, _ = encode_with_offsets(tokenizer, LONG_TEXT)
+    model = random_gates(make_model(hand=False))
+    base = capture_ids(model, [ids], bos=0, diagnostics=False)["loss"]
+    masks = np.zeros((3, len(ids)), bool)
+    masks[1, [40, 70]] = True  # windows of 32 after the BOS: positions 31..62 untouched
+    masks[2, ::5] = True
+    got = forced_losses(model, [ids], masks, "deep", base, bos=0, batch_size=2)
+    assert np.array_equal(got[0], base)  # nothing forced: nothing runs
+    assert np.array_equal(got[1, :41], base[:41]) and not np.allclose(got[1, 41:64], base[41:64])
+    assert np.array_equal(got[1, 64:71], base[64:71]) and not np.allclose(got[1, 71:], base[71:])
+    for i in (1, 2):
+        full = capture_ids(model, [ids], bos=0, token_mask=masks[i], token_mask_to="deep", diagnostics=False)["loss"]
+        assert np.allclose(got[i], full, rtol=0, atol=1e-5)
+    with pytest.raises(DataError, match="masks of shape"):
+        forced_losses(model, [ids], masks[:, :-1], "deep", base)
 
 
 def test_p_value():

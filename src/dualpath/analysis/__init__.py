@@ -10,7 +10,7 @@ See docs/ANALYSIS.md. spaCy and matplotlib are optional (`pip install 'dualpath[
 
 from .aggregate import (anchor_compare, anchor_window, binary_entropy, collapse_diagnostics, layer_means,
                         tag_layer_table)
-from .capture import capture, capture_ids, deep_share
+from .capture import capture, capture_ids, deep_share, forced_losses
 from .corpus import Corpus, corpus_from_path, corpus_from_texts, decode_with_offsets, encode_with_offsets, load_corpus
 from .overrides import p_value, token_class_override
 from .pipeline import analyze
@@ -21,4 +21,4 @@ __all__ = ["analyze", "capture", "capture_ids", "deep_share", "Corpus", "load_co
            "corpus_from_texts", "encode_with_offsets", "decode_with_offsets", "get_tagger", "tag_tokens", "tag_text",
            "tag_corpus", "arith_char_mask", "RuleTagger", "SpacyTagger", "layer_means", "tag_layer_table",
            "collapse_diagnostics", "binary_entropy", "anchor_window", "anchor_compare", "token_class_override",
-           "p_value", "render_html"]
+           "p_value", "render_html", "forced_losses"]

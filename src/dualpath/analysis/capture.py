@@ -54,6 +54,52 @@ def _windows(docs: list[np.ndarray], bos: int | None, L: int, need_last: bool):
         base += n
 
 
+def _checked(model, docs, bos, chunk_len, batch_size, to) -> tuple[list[np.ndarray], int, int]:
+    """The documents as int64 arrays, the window length and the token count, after checking the arguments."""
+    docs = [np.asarray(d, dtype=np.int64).reshape(-1) for d in docs]
+    cfg = model.cfg
+    L = int(chunk_len or cfg.seq_len)
+    if not 1 <= L <= cfg.seq_len:
+        raise DataError(f"chunk length {L} is outside 1..{cfg.seq_len} (the model's context)")
+    if batch_size < 1:
+        raise DataError(f"batch size must be >= 1, got {batch_size}")
+    vocab = cfg.vocab_size
+    for d in docs:
+        if len(d) and (d.min() < 0 or d.max() >= vocab):
+            raise DataError(f"token id {int(d.max())} is outside the model's vocabulary ({vocab})")
+    if bos is not None and not 0 <= bos < vocab:
+        raise DataError(f"BOS id {bos} is outside the model's vocabulary ({vocab})")
+    if to not in ("deep", "wide"):
+        raise DataError(f"token_mask_to must be 'deep' or 'wide', got {to!r}")
+    return docs, L, int(sum(len(d) for d in docs))
+
+
+def _window_mask(mask: np.ndarray, in_idx: np.ndarray) -> np.ndarray:
+    """A flat per-token mask at a window's input positions (False at the BOS)."""
+    sel = in_idx >= 0
+    row = np.zeros(len(in_idx), bool)
+    row[sel] = mask[in_idx[sel]]
+    return row
+
+
+def _forward(model, inputs, targets, forced, to, overrides, diagnostics):
+    """One forward over windows of different lengths, padded after their end (causal: padding changes nothing
+    before it); `forced`: None or one bool row per window, where the gates are forced to `to`."""
+    device = next(model.parameters()).device
+    B, T = len(inputs), max(len(i) for i in inputs)
+    x = torch.zeros(B, T, dtype=torch.long)
+    y = torch.full((B, T), -1, dtype=torch.long)
+    m = torch.zeros(B, T, dtype=torch.bool) if forced is not None else None
+    for r, (inp, tgt) in enumerate(zip(inputs, targets)):
+        x[r, :len(inp)] = torch.from_numpy(inp)
+        y[r, :len(tgt)] = torch.from_numpy(tgt)
+        if m is not None:
+            m[r, :len(inp)] = torch.from_numpy(forced[r])
+    choices = [TokenChoice(m.to(device), to)] * len(model.layers) if m is not None else None
+    return model(x.to(device), y.to(device), overrides=overrides, choices=choices, return_per_token_loss=True,
+                 return_diagnostics=diagnostics)
+
+
 @torch.inference_mode()
 def capture_ids(model, docs: Sequence, *, bos: int | None = None, chunk_len: int | None = None,
                 batch_size: int = 8, token_mask=None, token_mask_to: str = "wide", overrides: Overrides | None = None,
@@ -66,28 +112,12 @@ def capture_ids(model, docs: Sequence, *, bos: int | None = None, chunk_len: int
     shape (n_layers, n_tokens) (`halt_weights`: (n_layers, n_tokens, K)), plus `rho_deep` for dual models.
     Values a model does not have (the gates of a loop model, say) are left out.
     """
-    docs = [np.asarray(d, dtype=np.int64).reshape(-1) for d in docs]
-    cfg = model.cfg
-    L = int(chunk_len or cfg.seq_len)
-    if not 1 <= L <= cfg.seq_len:
-        raise DataError(f"chunk length {L} is outside 1..{cfg.seq_len} (the model's context)")
-    if batch_size < 1:
-        raise DataError(f"batch size must be >= 1, got {batch_size}")
-    N = int(sum(len(d) for d in docs))
-    vocab = cfg.vocab_size
-    for d in docs:
-        if len(d) and (d.min() < 0 or d.max() >= vocab):
-            raise DataError(f"token id {int(d.max())} is outside the model's vocabulary ({vocab})")
-    if bos is not None and not 0 <= bos < vocab:
-        raise DataError(f"BOS id {bos} is outside the model's vocabulary ({vocab})")
-    if token_mask_to not in ("deep", "wide"):
-        raise DataError(f"token_mask_to must be 'deep' or 'wide', got {token_mask_to!r}")
+    docs, L, N = _checked(model, docs, bos, chunk_len, batch_size, token_mask_to)
     mask = None
     if token_mask is not None:
         mask = np.asarray(token_mask, dtype=bool).reshape(-1)
         if mask.size != N:
             raise DataError(f"token mask has {mask.size} entries for {N} tokens")
-    device = next(model.parameters()).device
     out: dict[str, np.ndarray] = {
         "ids": np.concatenate(docs) if N else np.zeros(0, np.int64),
         "doc": (np.concatenate([np.full(len(d), i, np.int32) for i, d in enumerate(docs)]) if N
@@ -99,20 +129,9 @@ def capture_ids(model, docs: Sequence, *, bos: int | None = None, chunk_len: int
 
     def run(batch):
         T = max(len(w[0]) for w in batch)
-        x = torch.zeros(len(batch), T, dtype=torch.long)
-        y = torch.full((len(batch), T), -1, dtype=torch.long)
-        m = torch.zeros(len(batch), T, dtype=torch.bool) if mask is not None else None
-        for r, (inp, tgt, in_idx, _) in enumerate(batch):
-            x[r, :len(inp)] = torch.from_numpy(inp)
-            y[r, :len(tgt)] = torch.from_numpy(tgt)
-            if m is not None:
-                sel = in_idx >= 0
-                row = np.zeros(len(inp), bool)
-                row[sel] = mask[in_idx[sel]]
-                m[r, :len(inp)] = torch.from_numpy(row)
-        choices = [TokenChoice(m.to(device), token_mask_to)] * len(model.layers) if m is not None else None
-        res = model(x.to(device), y.to(device), overrides=overrides, choices=choices, return_per_token_loss=True,
-                    return_diagnostics=diagnostics)
+        forced = [_window_mask(mask, w[2]) for w in batch] if mask is not None else None
+        res = _forward(model, [w[0] for w in batch], [w[1] for w in batch], forced, token_mask_to, overrides,
+                       diagnostics)
         ptl = res.per_token_loss.float().cpu().numpy()
         diags = [{k: v.float().cpu().numpy() for k, v in d.items()
                   if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[:2] == (len(batch), T)}
@@ -145,6 +164,47 @@ def capture_ids(model, docs: Sequence, *, bos: int | None = None, chunk_len: int
     if {"gate_deep", "gate_wide", "delta_norm_deep", "delta_norm_wide"} <= layer.keys():
         out["rho_deep"] = deep_share(layer["gate_deep"], layer["gate_wide"], layer["delta_norm_deep"],
                                      layer["delta_norm_wide"])
+    return out
+
+
+@torch.inference_mode()
+def forced_losses(model, docs: Sequence, masks, to: str, base, *, bos: int | None = None,
+                  chunk_len: int | None = None, batch_size: int = 8) -> np.ndarray:
+    """Per-token losses under several forced-gate masks at once: row i is `capture_ids(model, docs,
+    token_mask=masks[i], token_mask_to=to, diagnostics=False)["loss"]` up to float32 rounding.
+
+    masks: bool (n_masks, n_tokens); base: the losses without forcing (n_tokens,), e.g. from `capture_ids`.
+    A window is scored on its own and attention is causal, so the loss of a target before the window's first
+    forced input (every target of a window without one) cannot change: it is copied from `base`, and only
+    windows with a forced input run. The windows to run, of all masks, share batches (longest first).
+    Returns float32 (n_masks, n_tokens).
+    """
+    docs, L, N = _checked(model, docs, bos, chunk_len, batch_size, to)
+    masks = np.asarray(masks, dtype=bool)
+    if masks.ndim != 2 or masks.shape[1] != N:
+        raise DataError(f"masks of shape {masks.shape} for {N} tokens (expected (n_masks, {N}))")
+    base = np.asarray(base, dtype=np.float32).reshape(-1)
+    if base.size != N:
+        raise DataError(f"{base.size} base losses for {N} tokens")
+    out = np.repeat(base[None], len(masks), axis=0)
+    windows = list(_windows(docs, bos, L, need_last=False))
+    todo = []  # (mask, window, first forced position)
+    for w, (inp, _, in_idx, _) in enumerate(windows):
+        sel = np.flatnonzero(in_idx >= 0)
+        hit = masks[:, in_idx[sel]]  # (n_masks, inputs of the window)
+        for i in np.flatnonzero(hit.any(axis=1)):
+            todo.append((int(i), w, int(sel[np.argmax(hit[i])])))
+    todo.sort(key=lambda t: -len(windows[t[1]][0]))  # stable: padding only within windows of similar length
+    for a in range(0, len(todo), batch_size):
+        batch = todo[a:a + batch_size]
+        wins = [windows[w] for _, w, _ in batch]
+        res = _forward(model, [w[0] for w in wins], [w[1] for w in wins],
+                       [_window_mask(masks[i], windows[w][2]) for i, w, _ in batch], to, None, False)
+        ptl = res.per_token_loss.float().cpu().numpy()
+        for r, (i, w, f) in enumerate(batch):
+            tgt_idx = windows[w][3]
+            p = f + np.flatnonzero(tgt_idx[f:] >= 0)
+            out[i, tgt_idx[p]] = ptl[r, p]
     return out
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DataError
-from .capture import capture_ids
+from .capture import capture_ids, forced_losses
 
 STATS = ("delta_all", "delta_class", "delta_next")
 
@@ -69,12 +69,10 @@ def token_class_override(model, docs, tags, *, cls: str = "ARITH", to: str = "wi
     if tags.size != N:
         raise DataError(f"{tags.size} tags for {N} tokens")
     special = np.zeros(N, bool) if special is None else np.asarray(special, bool)
-    kw = dict(bos=bos, chunk_len=chunk_len, batch_size=batch_size, diagnostics=False)
-
-    def losses(mask):
-        return capture_ids(model, docs, token_mask=mask, token_mask_to=to, **kw)["loss"].astype(np.float64)
-
-    base = np.asarray(base_loss, np.float64) if base_loss is not None else losses(None)
+    kw = dict(bos=bos, chunk_len=chunk_len, batch_size=batch_size)
+    if base_loss is None:
+        base_loss = capture_ids(model, docs, diagnostics=False, **kw)["loss"]
+    base = np.asarray(base_loss, np.float64)
     cls_mask = tags == cls
     n = int(cls_mask.sum())
     scored = np.isfinite(base)
@@ -94,17 +92,21 @@ def token_class_override(model, docs, tags, *, cls: str = "ARITH", to: str = "wi
         return {"delta_all": _mean(d, scored), "delta_class": _mean(d, cls_mask & scored),
                 "delta_next": _mean(d, _next_of(lens, mask) & scored)}
 
-    obs = stats(losses(cls_mask), cls_mask)
-    res.update(obs)
-    res["loss_forced"] = res["loss"] + obs["delta_all"]
     eligible = np.flatnonzero(~special)
     k = min(n, eligible.size)
-    rand = {s: [] for s in STATS}
+    masks = np.zeros((1 + repeats, N), bool)
+    masks[0] = cls_mask
     for r in range(repeats):
         rng = np.random.default_rng([int(seed), r])
-        mask = np.zeros(N, bool)
-        mask[rng.choice(eligible, size=k, replace=False)] = True
-        st = stats(losses(mask), mask)
+        masks[1 + r, rng.choice(eligible, size=k, replace=False)] = True
+    # the class and its random controls in one stream of batches, over the windows they touch only
+    forced = forced_losses(model, docs, masks, to, base_loss, **kw).astype(np.float64)
+    obs = stats(forced[0], cls_mask)
+    res.update(obs)
+    res["loss_forced"] = res["loss"] + obs["delta_all"]
+    rand = {s: [] for s in STATS}
+    for r in range(repeats):
+        st = stats(forced[1 + r], masks[1 + r])
         for s in STATS:
             rand[s].append(st[s])
     for s in STATS:
