@@ -1240,7 +1240,6 @@ class DuoLayer(nn.Module):
         u = keyed_uniform(keys, self.index, T if self.cfg.duo_granularity == "token" else 1)
         return self._random_codes(u).expand(keys.shape[0], T)
 
-
     def attend(self, x, rope, cache=None):
         return x + self.attn(self.attn_norm(x), rope, cache, (self.index, "duo", 0))
 
