@@ -130,7 +130,7 @@ ALLOWED_WRITES = {  # file: why it may write without fileio's atomic writer
 }
 # (writing into a file object `f` that atomic_open gave is fine)
 WRITE = re.compile(r"open\([^)]*['\"][wax]b?\+?['\"]|\.write_(text|bytes)\(|\.savefig\((?!f[,)])"
-                   r"|torch\.save\([^,]+,\s*(?!f[,)])|np\.save\w*\((?!f[,)])|save_file\(|save_pretrained\("
+                   r"|torch\.save\([^,]+,(?!\s*f[,)])|np\.save\w*\((?!f[,)])|save_file\(|save_pretrained\("
                    r"|\.tofile\(|json\.dump\(")
 
 
