@@ -14,7 +14,7 @@ from dualpath.cli import main
 from dualpath.config import RunConfig, apply_overrides, from_dict, load_yaml
 from dualpath.solver import solve
 
-DUALPATH_BIN = Path("/work/main/.venv/bin/dualpath")
+DUALPATH_BIN = Path(sys.executable).parent / "dualpath"  # the console script of the venv running the tests
 
 TINY_YAML = """\
 model:
