@@ -805,3 +805,20 @@ def test_quick_demo(tmp_path):
     assert (tmp_path / "demo" / "results.json").is_file() and (tmp_path / "demo" / "demo.png").is_file()
     assert "| model |" in result["table"] and any("[4/4]" in ln for ln in lines)
     assert "ρ_d" in result["routing"] and "E[steps]" in result["routing"]
+
+
+def test_demo_tokens_flag_is_checked_before_anything_is_written(tmp_path, capsys):
+    from dualpath.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--tokens", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tokens" in err[0] and not (tmp_path / "demo").exists()
+
+
+@pytest.mark.slow
+def test_demo_trains_every_model_on_the_tokens_asked_for(tmp_path):
+    from dualpath.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quick", "--tokens", "4096"]) == 0
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert [r["tokens"] for r in results] == [4096] * 3  # 2 steps of 16 x 128 tokens each

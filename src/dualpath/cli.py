@@ -494,7 +494,7 @@ def cmd_mechanism(args) -> int:
 def cmd_demo(args) -> int:
     from .experiments.demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    run_demo(args.out, quick=args.quick, tokens=args.tokens)
     return 0
 
 
@@ -736,6 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="PureWide vs Dual at matched FLOPs on the synthetic corpus (make demo)")
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--quick", action="store_true", help="a much shorter run")
+    s.add_argument("--tokens", type=_at_least(1), default=None,
+                   help="training tokens per model (default: experiments/demo.py TOKENS; --quick: QUICK_TOKENS)")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("mechanism", help="the mechanism study of docs/MECHANISM.md: gate study, routing by "
