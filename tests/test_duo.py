@@ -25,6 +25,7 @@ from dualpath.routing import (check_budgets, evaluate_routed, gate_search, oracl
                                 run_train_router, train_router)
 from dualpath.errors import CheckpointError, ConfigError, DualPathError
 from dualpath.routing.adapters import DualSearchModel, DuoSearchModel
+from dualpath.routing.report import report_markdown
 from dualpath.routing.search import PatternEvaluator, SearchSpace, beam_search, pattern_from_string, search
 
 from helpers import perturb_, one_thread  # noqa: F401  (autouse: one intra-op thread)
@@ -377,6 +378,50 @@ def test_report_difficulty_matches_its_definition():
     assert res["difficulty"][2]["mean"] == pytest.approx(float((small - orc).mean()), abs=1e-5)
 
 
+def test_per_sequence_choice_from_the_prefix_equals_brute_force():
+    """Held out within the sequence: each sequence's pattern is the best on its first T/2 positions (its
+    labels there), scored on the rest, beside the oracles on the same positions; recomputed by hand."""
+    model = duo_model(14)
+    batches = batches_of(15, n_seq=6)
+    k = 2
+    res = report(model, batches, [k], random_trials=3, variable_budget=False, n_boot=50)
+    w = res["within_sequence"][k]
+    sp = T // 2
+    assert w["split"] == sp
+    space = SearchSpace(L, ("big", "small"), "big", k)
+    patterns = ["".join({"big": "B", "small": "S"}[c] for c in p) for p in space.enumerate()]
+    per = []
+    with torch.no_grad():
+        for p in patterns:
+            codes = torch.tensor(parse_pattern(p, L))
+            per.append(torch.cat([model(x, y, choices=codes.view(L, 1, 1).expand(L, *x.shape),
+                                        return_per_token_loss=True).per_token_loss for x, y in batches]))
+    losses = torch.stack(per).double()  # (P, N, T)
+    valid = torch.cat([y != -1 for _, y in batches])
+    losses = losses * valid
+    pre, suf = losses[:, :, :sp].sum(-1), losses[:, :, sp:].sum(-1)  # (P, N)
+    n_suf = int(valid[:, sp:].sum())
+    assert w["n_tokens"] == n_suf
+    choice = pre.argmin(0)
+    expect = {"per-sequence choice from the prefix": suf.gather(0, choice[None])[0].sum() / n_suf,
+              "per-sequence oracle": suf.min(0).values.sum() / n_suf,
+              "per-token oracle": losses[:, :, sp:].min(0).values.sum() / n_suf}
+    got = {r["method"]: r for r in w["rows"]}
+    for m, v in expect.items():
+        assert got[m]["loss"] == pytest.approx(float(v), abs=1e-5), m
+        assert got[m]["ci_low"] <= got[m]["loss"] <= got[m]["ci_high"]
+    # the best single pattern of the main table, scored on the same positions
+    best = [r for r in res["rows"] if r["method"] == "best single pattern"][0]["pattern"]
+    assert got["best single pattern"]["loss"] == pytest.approx(float(suf[patterns.index(best)].sum() / n_suf),
+                                                               abs=1e-5)
+    # the oracles bound the held-out choice; the paired differences are the differences of the rows
+    assert got["per-token oracle"]["loss"] <= got["per-sequence oracle"]["loss"] + 1e-9
+    assert got["per-sequence oracle"]["loss"] <= got["per-sequence choice from the prefix"]["loss"] + 1e-9
+    for c in w["comparisons"]:
+        assert c["delta"] == pytest.approx(got[c["a"]]["loss"] - got[c["b"]]["loss"], abs=1e-9)
+    assert "held out within the sequence" in report_markdown(res)
+
+
 def test_user_errors(duo_run, tmp_path):
     _, data, ckpt = duo_run
     model = duo_model(0)
@@ -667,6 +712,10 @@ def test_router_variants_and_held_out_report_through_the_cli(duo_run, tmp_path, 
               and c["budget"] == 1)
     assert by_f["one big layer, well placed, beats all-big"]["per_seed"][0] == [c1["delta"], c1["ci_low"], c1["ci_high"]]
     assert "router oracle/post/bsx/mlp8 stays far from the oracle" in by_f
+    cw = next(c for c in rep["within_sequence"]["2"]["comparisons"]
+              if c["a"] == "per-sequence choice from the prefix" and c["b"] == "best single pattern")
+    assert (by_f["a per-sequence choice held out within the sequence beats the best fixed pattern"]["per_seed"]
+            == [[cw["delta"], cw["ci_low"], cw["ci_high"]]] * 2)
     assert "| oracle routing beats random routing |" in f.read_text()
     assert main(["duo", "findings", str(tmp_path / "nothing"), "--out", str(tmp_path / "g")]) == 2
     assert not (tmp_path / "g").exists()

@@ -28,7 +28,9 @@ def load_report(path) -> dict:
 
 
 def _comparison(rep, a: str, b: str, budget: int):
-    for c in rep.get("comparisons", []):
+    ws = rep.get("within_sequence") or {}
+    within = ws.get(str(budget)) or ws.get(budget) or {}
+    for c in rep.get("comparisons", []) + [dict(c, budget=budget) for c in within.get("comparisons", [])]:
         if c["a"] == a and c["b"] == b and int(c["budget"]) == budget:
             return c["delta"], c["ci_low"], c["ci_high"]
     return None
@@ -62,6 +64,11 @@ def measure(reps: list[dict], skip_reps: list[dict] | None = None) -> list[dict]
     paired("per-sequence routing beats random routing", "(not in the paper: the honest-er oracle)",
            f"per-sequence oracle − random routing, k={mid}", "per-sequence oracle", "random routing", mid,
            note="chosen with each sequence's labels")
+    paired("a per-sequence choice held out within the sequence beats the best fixed pattern",
+           "(not in the paper: can a sequence's own context pick its routing?)",
+           f"pattern chosen on the sequence's first half − best single pattern, scored on the second half, k={mid}",
+           "per-sequence choice from the prefix", "best single pattern", mid,
+           note="no label of a scored token is used")
     k1 = min(ks)
     paired("one big layer, well placed, beats all-big", "activating a big module in one layer outperforms big "
            "modules in all layers", f"per-token oracle at k={k1} − all-big", "per-token oracle", "all-big", k1,

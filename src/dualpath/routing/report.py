@@ -261,7 +261,7 @@ def report(model, batches, budgets, *, random_trials: int = 100, routers=(), wit
         frac = target if target is not None else rv["big_fraction"]
         routed.append((min(range(L + 1), key=lambda k: abs(k / L - frac)), target, name, rv))
 
-    difficulty, diff_arrays, variable, agreements = {}, {}, {}, []
+    difficulty, diff_arrays, variable, agreements, within = {}, {}, {}, [], {}
     for k in ks:
         e = entries[k]
         r = e["_result"]
@@ -289,10 +289,10 @@ def report(model, batches, budgets, *, random_trials: int = 100, routers=(), wit
             losses = [e["_result"]["pattern_loss"][r["patterns"].index(p)] for p in pats]
             best_n = pats[min(range(len(pats)), key=lambda i: (losses[i], i))]
             best = r["best_pattern"]
-        ev_val = r["_evaluator"]
+        ev_val, pat_tok = r["_evaluator"], {}
         for method, pat, extra in (("best of N random patterns", best_n, {"n_patterns": len(pats)}),
                                    ("best single pattern", best, {"search": e["method"]})):
-            tok = ev_val.token_losses(pat)
+            tok = pat_tok[method] = ev_val.token_losses(pat)
             code = pattern_codes([pat])[0].view(L, 1, 1)
             row(method, k, k / L, mean(tok), flops_per_token(model, code, T), tok,
                 pattern="".join(sm.letters[c] for c in pat), chosen_on=chosen_on,
@@ -339,6 +339,17 @@ def report(model, batches, budgets, *, random_trials: int = 100, routers=(), wit
                            "share_zero": float((c[valid] == 0).double().mean()),
                            "share_all": float((c[valid] == L).double().mean()),
                            "max_over_budget": vb["max_over_budget"]}
+        # per-sequence choice held out within the sequence: chosen on the first positions, scored on the rest
+        sp = r["prefix_split"]
+        v_suf = valid[:, sp:]
+        best_tok = [x for x in rows if x["method"] == "best single pattern" and x["budget"] == k][0]
+        within[k] = {"split": sp, "n_tokens": int(v_suf.sum()), "_counts": v_suf.sum(1).numpy().astype(np.float64),
+                     "_seq": {"random routing": _seq(rnd_tok[:, sp:], v_suf),
+                              "best single pattern": _seq(pat_tok["best single pattern"][:, sp:], v_suf),
+                              "per-sequence choice from the prefix": r["prefix_choice_suffix_sum"].numpy(),
+                              "per-sequence oracle": r["suffix_oracle_sum"].numpy(),
+                              "per-token oracle": _seq(r["tok_best"][:, sp:], v_suf)},
+                     "best_single_chosen_on": best_tok["chosen_on"]}
         s_, o, b = small_tok[valid].numpy(), r["tok_best"][valid].numpy(), big_tok[valid].numpy()
         difficulty[k] = difficulty_stats(s_, o, b, help_threshold)
         diff_arrays[k] = s_ - o
@@ -365,9 +376,21 @@ def report(model, batches, budgets, *, random_trials: int = 100, routers=(), wit
         v["ci"] = {"position": spearman_ci(c, pos, v_np, idx),
                    "small_loss": spearman_ci(c, small_tok.numpy(), v_np, idx),
                    "big_loss": spearman_ci(c, big_tok.numpy(), v_np, idx)}
+    for k, w in within.items():
+        w["rows"] = [{"method": m, "loss": float(x.sum() / max(w["n_tokens"], 1)),
+                      **dict(zip(("ci_low", "ci_high"), bootstrap_ci(x, w["_counts"], idx)))}
+                     for m, x in w["_seq"].items()]
+        w["comparisons"] = []
+        for a_m, b_m in WITHIN_COMPARISONS:
+            d = w["_seq"][a_m] - w["_seq"][b_m]
+            lo, hi = bootstrap_ci(d, w["_counts"], idx)
+            w["comparisons"].append({"a": a_m, "b": b_m, "delta": float(d.sum() / max(w["n_tokens"], 1)),
+                                     "ci_low": lo, "ci_high": hi})
+        del w["_seq"], w["_counts"]
     late = {k: layer_preference(entries[k]["_codes"], entries[k]["_result"]["seq_arg"], idx) for k in ks if 0 < k < L}
     return {"rows": rows, "agreement": agreements, "comparisons": comparisons(rows, counts_np, idx),
-            "difficulty": difficulty, "variable_budget": variable, "layer_preference": late, "oracle": oracle_res,
+            "difficulty": difficulty, "variable_budget": variable, "within_sequence": within,
+            "layer_preference": late, "oracle": oracle_res,
             "n_layers": L,
             "n_sequences": int(valid.shape[0]), "n_tokens": n_tok, "seq_len": T, "random_trials": random_trials,
             "help_threshold": help_threshold, "with_skip": with_skip, "held_out": held_out,
@@ -390,6 +413,12 @@ COMPARISONS = (("per-token oracle", "random routing"), ("per-sequence oracle", "
                ("variable-budget oracle", "per-token oracle"), ("per-token oracle", "all-big"),
                ("trained router", "best single pattern"), ("trained router", "best of N random patterns"),
                ("trained router", "random routing"), ("best of N random patterns", "best single pattern"))
+
+
+# the within-sequence held-out comparison (all scored on the second part of every sequence)
+WITHIN_COMPARISONS = (("per-sequence choice from the prefix", "best single pattern"),
+                      ("per-sequence oracle", "per-sequence choice from the prefix"),
+                      ("per-sequence choice from the prefix", "random routing"))
 
 
 def comparisons(rows: list[dict], counts: np.ndarray, idx: np.ndarray) -> list[dict]:
@@ -449,6 +478,23 @@ def report_markdown(res: dict, title: str = "Duo-LLM routing report") -> str:
         for c in res["comparisons"]:
             lines.append(f"| {c['budget']} | {c['a']} | {c['b']} | {c['delta']:+.4f} | "
                          f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] |")
+        lines.append("")
+    if res.get("within_sequence"):
+        lines += ["## Per-sequence choice, held out within the sequence", "",
+                  "A per-sequence choice cannot be selected on other windows, so here each sequence picks the pattern "
+                  "with the lowest loss on its first positions and is scored on the rest; every row of this table is "
+                  "scored on those same later positions (the best single pattern as chosen above). The per-sequence "
+                  "and per-token oracles use the scored tokens' labels.", "",
+                  "| k | scored positions | method | loss | 95% CI |", "|---|---|---|---|---|"]
+        for k, w in res["within_sequence"].items():
+            for r in w["rows"]:
+                lines.append(f"| {k} | {w['split']}.. ({w['n_tokens']} tokens) | {r['method']} | {r['loss']:.4f} | "
+                             f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}] |")
+        lines += ["", "| k | a | b | a − b | 95% CI |", "|---|---|---|---|---|"]
+        for k, w in res["within_sequence"].items():
+            for c in w["comparisons"]:
+                lines.append(f"| {k} | {c['a']} | {c['b']} | {c['delta']:+.4f} | "
+                             f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] |")
         lines.append("")
     if res.get("variable_budget"):
         lines += ["## Variable per-token budget", "",

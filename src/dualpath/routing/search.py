@@ -156,9 +156,13 @@ class PatternEvaluator:
 
     share_prefix=False is the naive reference: every pattern runs embed and all layers from scratch with
     `apply_layer` (for a Duo model, exactly the model's forward with an explicit routing mask).
+
+    It also keeps a per-sequence choice that is held out within the sequence: the pattern with the lowest loss
+    on positions [0, prefix_split) (default T // 2), scored on [prefix_split, T), beside the label-using
+    per-sequence oracle on those same positions.
     """
 
-    def __init__(self, sm: LayeredModel, batches, share_prefix: bool = True):
+    def __init__(self, sm: LayeredModel, batches, share_prefix: bool = True, prefix_split: int | None = None):
         self.sm, self.share_prefix = sm, share_prefix
         self.batches = [(x, y) for x, y in batches]
         if not self.batches:
@@ -177,6 +181,16 @@ class PatternEvaluator:
         self.tok_arg = [torch.full(y.shape, -1, dtype=torch.long) for _, y in self.batches]
         self.seq_best = [torch.full((y.shape[0],), math.inf, dtype=torch.float64) for _, y in self.batches]
         self.seq_arg = [torch.full((y.shape[0],), -1, dtype=torch.long) for _, y in self.batches]
+        T = next(iter(Ts))
+        self.prefix_split = T // 2 if prefix_split is None else int(prefix_split)
+        if not 0 < self.prefix_split < T:
+            raise ValueError(f"prefix_split must be in [1, {T - 1}], got {self.prefix_split}")
+
+        def per_seq(fill, dtype=torch.float64):
+            return [torch.full((y.shape[0],), fill, dtype=dtype) for _, y in self.batches]
+
+        self.pre_best, self.pre_arg, self.pre_suffix = per_seq(math.inf), per_seq(-1, torch.long), per_seq(0.0)
+        self.suf_best = per_seq(math.inf)
         self.layer_calls = 0  # layer applications (one per choice per node)
         self.head_calls = 0
 
@@ -251,6 +265,10 @@ class PatternEvaluator:
             "tok_arg": torch.cat(self.tok_arg),
             "seq_best_sum": seq_best,
             "seq_arg": torch.cat(self.seq_arg),
+            "prefix_split": self.prefix_split,
+            "prefix_arg": torch.cat(self.pre_arg),  # per sequence: the pattern best on its prefix
+            "prefix_choice_suffix_sum": torch.cat(self.pre_suffix),  # that pattern's loss summed over the suffix
+            "suffix_oracle_sum": torch.cat(self.suf_best),  # the best pattern's loss on the suffix (labels)
         }
 
     # -- internals -------------------------------------------------------------------------------
@@ -275,6 +293,12 @@ class PatternEvaluator:
         better = s < self.seq_best[b]
         self.seq_best[b] = torch.where(better, s, self.seq_best[b])
         self.seq_arg[b] = torch.where(better, torch.full_like(self.seq_arg[b], pid), self.seq_arg[b])
+        pre, suf = loss[:, :self.prefix_split].double().sum(1), loss[:, self.prefix_split:].double().sum(1)
+        better = pre < self.pre_best[b]
+        self.pre_best[b] = torch.where(better, pre, self.pre_best[b])
+        self.pre_arg[b] = torch.where(better, torch.full_like(self.pre_arg[b], pid), self.pre_arg[b])
+        self.pre_suffix[b] = torch.where(better, suf, self.pre_suffix[b])
+        self.suf_best[b] = torch.minimum(suf, self.suf_best[b])
 
     def _walk_shared(self, b, items):
         idx, tgt = self.batches[b]
