@@ -187,9 +187,11 @@ def test_mechanism_command_writes_consistent_tables(tmp_path):
         d = [per_seed["dual"][s]["categories"][cat]["answer_bits"] - per_seed["wide"][s]["categories"][cat]["answer_bits"]
              for s in ("0", "1")]
         assert st["mean"] == pytest.approx(statistics.mean(d))
-    assert set(summary["dual"]["forced"]) == {"deep-only", "wide-only", "shuffled"}
+    assert set(summary["dual"]["forced"]) == {"deep-favoured", "wide-favoured", "swapped", "share-shuffled",
+                                              "deep-only", "wide-only", "shuffled"}
     md = (out / "routing.md").read_text()
     assert "cost of forcing the gates" in md and "| recall | ρ_d |" in md
+    assert "| deep-favoured (keeps g_d + g_w) |" in md and "| deep-only (rescales the residual) |" in md
     # a second call reuses every finished run
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
     assert main(["mechanism", str(out), "--quick", "--seeds", "0,1", "--tokens", "4096", "--skip-gate-study",

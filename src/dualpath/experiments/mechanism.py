@@ -36,7 +36,12 @@ GATE_STUDY = (
     ("gate/gain LR x10", ("optim.gate_lr_mult=10",)),
     ("gate/gain LR x30", ("optim.gate_lr_mult=30",)),
 )
-FORCED = (("deep-only", "deep-only"), ("wide-only", "wide-only"), ("shuffled", "shuffled"))
+# The first four keep each token's g_d + g_w (they move or permute the gate mass); the last three rescale the
+# residual too (both paths contain x), so they mix a scale shift with the routing.
+FORCED = (("deep-favoured", "deep-favoured"), ("wide-favoured", "wide-favoured"), ("swapped", "swapped"),
+          ("share-shuffled", "share-shuffled"), ("deep-only", "deep-only"), ("wide-only", "wide-only"),
+          ("shuffled", "shuffled"))
+RESCALING = ("deep-only", "wide-only", "shuffled")
 
 
 def _setup(out: Path, quick: bool, log, world_seed: int = 0):
@@ -257,6 +262,6 @@ def _routing_summary(per_seed: dict, names: dict) -> dict:
         for label, _ in FORCED:
             sts = {c: seed_intervals([dual[s]["forced"][label][c] for s in seeds]) for c in cats}
             stats["dual"]["forced"][label] = sts
-            md.append(f"| {label}{' (rescales the residual)' if label != 'shuffled' else ''} | "
+            md.append(f"| {label}{' (rescales the residual)' if label in RESCALING else ' (keeps g_d + g_w)'} | "
                       + " | ".join(fmt(sts[c]) for c in cats) + " |")
     return {"stats": stats, "markdown": "\n".join(md)}
