@@ -213,3 +213,34 @@ def test_the_shipped_dose_response_sweep_is_the_demos_setup():
     for r in runs:  # the demo's models, widths included
         assert r.config.model == demo[r.config.model.arch] and r.tokens == TOKENS, r.folder
         assert r.config.model.d_model == BACKBONE["d_model"] and r.config.model.seq_len == BACKBONE["seq_len"]
+
+
+@pytest.mark.slow
+def test_gate_study_applies_one_knob_at_a_time_and_reuses_the_routing_baseline(tmp_path):
+    out = tmp_path / "mech"
+    assert main(["mechanism", str(out), "--quick", "--seeds", "0", "--tokens", "4096", "--world-seed", "0"]) == 0
+    res = json.loads((out / "gate_study.json").read_text())
+    from dualpath.experiments.mechanism import GATE_STUDY
+    assert [r["variant"] for r in res] == [name for name, _ in GATE_STUDY]
+    by = {r["variant"]: r for r in res}
+    # the baseline is the routing study's Dual seed-0 run, not a second training
+    assert not (out / "gate_study" / "baseline").exists()
+    routing_dual = json.loads((out / "routing" / "dual" / "seed0" / "summary.json").read_text())
+    assert by["baseline"]["val_loss"] == routing_dual["val_loss"]
+    assert by["3x tokens"]["tokens"] == 3 * by["baseline"]["tokens"]
+    # each variant's run carries its knob and nothing else
+    cfg = {p.parent.name: yaml.safe_load((p.parent / "config.yaml").read_text())
+           for p in (out / "gate_study").glob("*/summary.json")}
+    assert cfg["plain_init"]["model"]["init"] == "plain" and cfg["gate-gain_LR_x10"]["optim"]["gate_lr_mult"] == 10
+    assert cfg["gate-gain_LR_x30"]["optim"]["gate_lr_mult"] == 30
+    assert cfg["reference_decay"]["optim"]["decay_gates_and_norms"] is True
+    assert cfg["reference_decay"]["optim"]["weight_decay"] == 0.3
+    assert cfg["gain_start_0"]["model"]["branch_scale_init"] == 0
+    base_cfg = yaml.safe_load((out / "routing" / "dual" / "seed0" / "config.yaml").read_text())
+    assert base_cfg["model"]["init"] == "scaled" and base_cfg["optim"]["gate_lr_mult"] == 1
+    assert cfg["plain_init"]["optim"] == base_cfg["optim"]
+    md = (out / "gate_study.md").read_text()
+    for name, _ in GATE_STUDY:
+        assert md.count(f"| {name} | ") == 1, name
+    for r in res:
+        assert r["val_loss"] > 0 and r["trajectory"] and set(r["accuracy"]) == {"recall", "chain"}

@@ -107,7 +107,9 @@ def gate_study(out: str | Path, tokens: int | None = None, seed: int = 0, quick:
     examples = _per_category(examples, 8 if quick else 100)
     results = []
     for name, knobs in GATE_STUDY:
-        run_dir = out / "gate_study" / name.split(" (")[0].replace(" ", "_").replace("/", "-")
+        # the baseline is the routing study's Dual run of this seed (the same config): trained once
+        run_dir = (out / "routing" / "dual" / f"seed{seed}" if not knobs else
+                   out / "gate_study" / name.split(" (")[0].replace(" ", "_").replace("/", "-"))
         log(f"gate study: {name}")
         model, tok, summary = _train(rows["dual"], data, run_dir, tokens, meta["vocab_size"], seed, knobs)
         ev = evaluate_examples(model, tok, examples, batch_size=32)
