@@ -256,3 +256,37 @@ def test_the_kept_results_are_what_their_run_folders_say():
         for key, value in k.items():
             if value and key not in ("arm", "arch"):
                 assert float(value) == pytest.approx(float(got[key]), rel=1e-12), (k["arm"], key)
+
+
+def test_a_run_held_by_another_sweep_process_is_skipped_not_failed(tmp_path, data_dir, capsys):
+    """Two sweep processes on one config: a run whose job lock another process holds is skipped (its training
+    and evaluation belong to that process), and the next call trains it."""
+    import subprocess
+    import sys
+    import time
+
+    from dualpath.experiments.sweep import JOB_LOCK
+    from dualpath.fileio import FolderLock
+
+    path = _sweep_file(tmp_path, data_dir, budgets=[2.0e5], seeds=[0])
+    runs = plan(load_sweep(path))
+    held = Path(next(r for r in runs if r.arch == "dual").config.train.out_dir)
+    assert FolderLock.holder(held, JOB_LOCK) is None and not held.exists()  # asking creates nothing
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom dualpath.fileio import FolderLock\n"
+                               f"FolderLock({str(held)!r}, {JOB_LOCK!r}).acquire()\nprint('held', flush=True)\n"
+                               "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert FolderLock.holder(held, JOB_LOCK) == f"pid {holder.pid} on {__import__('os').uname().nodename}"
+        assert main(["sweep", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert f"running elsewhere (pid {holder.pid}" in out and "FAILED" not in out
+        assert not (held / "eval.json").exists()
+        assert len(list((tmp_path / "sweep").rglob("eval.json"))) == 1  # the other run trained
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    assert FolderLock.holder(held, JOB_LOCK) is None  # the kernel dropped it with the process
+    assert main(["sweep", str(path)]) == 0
+    assert (held / "eval.json").is_file() and "running elsewhere" not in capsys.readouterr().out

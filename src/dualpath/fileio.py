@@ -179,10 +179,28 @@ class FolderLock:
     (a crash or kill -9 leaves no stale lock; the file stays, with the last holder's pid for the message).
     A second process refuses at once with a DualPathError naming the holder."""
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, name: str = LOCK_NAME):
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
+        self.path = self.folder / name
         self._fd: int | None = None
+
+    @staticmethod
+    def holder(folder: str | os.PathLike, name: str = LOCK_NAME) -> str | None:
+        """Who holds the lock now ("pid N on HOST"), or None when nobody does; creates nothing."""
+        import fcntl
+
+        path = Path(folder) / name
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except OSError:
+            return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        finally:
+            os.close(fd)  # closing drops a lock taken here
 
     def acquire(self) -> "FolderLock":
         import fcntl

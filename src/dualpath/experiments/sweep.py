@@ -30,7 +30,7 @@ import yaml
 
 from ..config import RunConfig, apply_overrides, from_dict, load_yaml, to_dict, validate_tree
 from ..errors import ConfigError, warn
-from ..fileio import atomic_write_text, check_writable_dir
+from ..fileio import FolderLock, atomic_write_text, check_writable_dir
 from .sweep_report import aggregate
 
 
@@ -453,16 +453,25 @@ def _run_one(run: Run, sweep: SweepConfig, threads: int | None) -> subprocess.Po
 
 def train_and_eval(cfg_path: str, evals: list[str], eval_limit: int) -> None:
     """One run of a sweep (a child process): train to the target, then evaluate on every eval set."""
-    from ..checkpoint import atomic_write_text, load_model
     from ..config import load_config
-    from ..eval.evaluate import evaluate_datasets, load_tokenizer
     from ..train import train
 
     cfg = load_config(RunConfig, cfg_path)
     cfg.train.progress = False
-    summary = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 evaluates
+        train(cfg)
         return
+    # held over training and evaluation, so another sweep process skips this run until eval.json exists
+    with FolderLock(cfg.train.out_dir, JOB_LOCK):
+        _train_and_eval(cfg, evals, eval_limit)
+
+
+def _train_and_eval(cfg: RunConfig, evals: list[str], eval_limit: int) -> None:
+    from ..checkpoint import atomic_write_text, load_model
+    from ..eval.evaluate import evaluate_datasets, load_tokenizer
+    from ..train import train
+
+    summary = train(cfg)
     model, _, ckpt = load_model(cfg.train.out_dir)
     result = {"summary": summary}
     if evals:
@@ -470,6 +479,9 @@ def train_and_eval(cfg_path: str, evals: list[str], eval_limit: int) -> None:
         res = evaluate_datasets(model, load_tokenizer(ckpt), evals, limit=eval_limit or None, qa_exact_match=False)
         result["eval"] = res["variants"][next(iter(res["variants"]))]
     atomic_write_text(Path(cfg.train.out_dir) / "eval.json", json.dumps(result, indent=2))
+
+
+JOB_LOCK = ".job.lock"  # a sweep run's whole job (training and evaluation); the trainer's own lock is .lock
 
 
 def run_order(runs: list[Run], seeds: list[int]) -> list[Run]:
@@ -510,6 +522,10 @@ def run_sweep(sweep: SweepConfig, jobs: int = 1, log=print, threads: int = 0) ->
     while pending or active:
         while pending and len(active) < jobs:
             run = pending.pop(0)
+            holder = FolderLock.holder(run.config.train.out_dir, JOB_LOCK)
+            if holder:  # another sweep process (or a Slurm job) has it; not a failure
+                log(f"running elsewhere ({holder}): {run.folder}")
+                continue
             proc = _run_one(run, sweep, threads)
             if proc is None:
                 log(f"done already: {run.folder}")
