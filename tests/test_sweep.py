@@ -290,3 +290,25 @@ def test_a_run_held_by_another_sweep_process_is_skipped_not_failed(tmp_path, dat
     assert FolderLock.holder(held, JOB_LOCK) is None  # the kernel dropped it with the process
     assert main(["sweep", str(path)]) == 0
     assert (held / "eval.json").is_file() and "running elsewhere" not in capsys.readouterr().out
+
+
+def test_a_folder_lock_can_wait_for_a_holder_that_is_exiting(tmp_path):
+    import subprocess
+    import sys
+
+    from dualpath.errors import DualPathError
+    from dualpath.fileio import FolderLock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom dualpath.fileio import FolderLock\n"
+                               f"FolderLock({str(tmp_path)!r}).acquire()\nprint('held', flush=True)\n"
+                               "time.sleep(1.0)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DualPathError, match="is in use by pid"):
+            FolderLock(tmp_path).acquire()  # refuses at once by default
+        lock = FolderLock(tmp_path).acquire(wait=30)  # gets it once the holder exits
+        assert FolderLock.holder(tmp_path) == f"pid {__import__('os').getpid()} on {__import__('os').uname().nodename}"
+        lock.release()
+    finally:
+        holder.kill()
+        holder.wait()

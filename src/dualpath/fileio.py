@@ -202,14 +202,23 @@ class FolderLock:
         finally:
             os.close(fd)  # closing drops a lock taken here
 
-    def acquire(self) -> "FolderLock":
+    def acquire(self, wait: float = 0.0) -> "FolderLock":
+        """wait: seconds to keep trying while another process holds it (e.g. a requeued job whose previous
+        process is still exiting); 0 refuses at once."""
         import fcntl
+        import time
 
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, default_mode())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
             raise DualPathError(f"{self.folder} is in use by {holder}: one run per folder "

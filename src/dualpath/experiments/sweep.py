@@ -461,9 +461,13 @@ def train_and_eval(cfg_path: str, evals: list[str], eval_limit: int) -> None:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 evaluates
         train(cfg)
         return
-    # held over training and evaluation, so another sweep process skips this run until eval.json exists
-    with FolderLock(cfg.train.out_dir, JOB_LOCK):
+    # held over training and evaluation, so another sweep process skips this run until eval.json exists; a
+    # requeued Slurm job may start while its preempted process is still exiting, hence the wait
+    lock = FolderLock(cfg.train.out_dir, JOB_LOCK).acquire(wait=120)
+    try:
         _train_and_eval(cfg, evals, eval_limit)
+    finally:
+        lock.release()
 
 
 def _train_and_eval(cfg: RunConfig, evals: list[str], eval_limit: int) -> None:
