@@ -18,7 +18,8 @@ import yaml
 
 from dualpath.cli import main
 from dualpath.experiments.launch import SlurmOptions, slurm_minutes, torchrun_command
-from dualpath.experiments.sweep import load_sweep, plan
+from dualpath.experiments.sweep import JOB_LOCK, load_sweep, plan
+from dualpath.fileio import FolderLock
 
 from test_sweep import _sweep_file, data_dir  # noqa: F401 (the prepared corpus fixture)
 
@@ -224,13 +225,21 @@ def test_slurm_sweep_equals_local_and_resumes_after_preemption(tmp_path, data_di
 
     # preempt the Dual run mid-training: Slurm's preemption signal reaches submitit's checkpoint hook, which
     # stops the run and requeues its job
-    _wait_for(lambda: (dual / "checkpoints" / "latest").is_file(), 120, "the Dual run's first checkpoint", 0.05)
+    # the run is paused at its first checkpoint so that the signal lands mid-training however fast the machine
+    # is; a stopped process keeps the SIGTERM of the checkpoint hook pending until it is continued
+    _wait_for(lambda: (dual / "checkpoints" / "latest").is_file(), 120, "the Dual run's first checkpoint", 0.01)
+    child = int(FolderLock.holder(dual, JOB_LOCK).split()[1])
+    os.kill(child, signal.SIGSTOP)
     assert main(["sweep", str(on_slurm), "--status"]) == 0
     status = capsys.readouterr().out
     assert f"| {runs[1].folder} | Dual K=2 α=0.5 | 0 | running | Slurm job {_job(dual)}: step " in status
     assert not (dual / "eval.json").is_file()
     subprocess.run(["scancel", "--signal=USR2", _job(dual)], check=True)
     _wait_for(lambda: _queue_state(_job(dual)) == "PENDING", 120, "the requeued job")
+    try:
+        os.kill(child, signal.SIGCONT)  # its pending SIGTERM ends it, if Slurm has not already
+    except ProcessLookupError:
+        pass
     subprocess.run(["scontrol", "update", f"JobId={_job(dual)}", "StartTime=now"], check=True)  # skip the delay
 
     # results of whatever is finished, while a job is still queued or running
