@@ -4,7 +4,8 @@ MFU = true training FLOPs per token (3x forward, every matmul) x tokens/s / a GE
 with the same thread count. The models (and, with --reference, the same models on the eager reference path:
 unfused attention, torch's default AdamW) are timed in interleaved rounds, so a load that drifts hits every
 variant alike; each figure is the median over rounds, with its spread. --profile splits one step of each into
-GEMM, attention, elementwise/norm, loss and optimizer time (torch.profiler, self time per op).
+GEMM, attention, elementwise/norm, loss and optimizer time (torch.profiler, self time per op). A textbook GPT of
+PureWide's shape (PlainGPT) runs beside them: PureWide's tokens/s over its tokens/s is the last column.
 
     python -m benchmarks.bench_train [--threads 2 --rounds 3 --reference --profile --compile]
 """
@@ -15,10 +16,14 @@ import argparse
 import statistics
 import time
 
+from types import SimpleNamespace
+
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from dualpath.config import ModelConfig, OptimConfig
-from dualpath.model import DualPathLM
+from dualpath.model import DualPathLM, swiglu_hidden
 from dualpath.perf import measure_gemm_peak
 from dualpath.solver import solve
 from dualpath.train import build_optimizer
@@ -53,16 +58,55 @@ def event_category(e) -> str:
     return found or "elementwise"
 
 
-# (name, fast model paths (fused attention, chunked loss), fused AdamW): the model's and the optimiser's share
-PATHS = (("fast", True, True), ("fast model, default AdamW", True, False), ("reference", False, False))
+# (name, fast model paths (fused attention, chunked loss), fused AdamW, torch.compile): the model's, the
+# optimiser's and the compiler's share
+PATHS = (("fast", True, True, False), ("fast model, default AdamW", True, False, False),
+         ("reference", False, False, False))
+COMPILED = ("fast, compiled", True, True, True)
+PLAIN = "plain GPT"
 
 
-def make_step(cfg: ModelConfig, batch: int, device: str, dtype, compile: bool, fast: bool, fast_opt: bool = True):
-    """(one training step, train FLOPs per step, parameters) of a fresh model: forward, backward, AdamW."""
+class PlainGPT(nn.Module):
+    """The textbook GPT of PureWide's shape, as a user would write it with torch's own modules: learned
+    positions instead of RoPE, no QK-norm, no gains, SwiGLU of the same width, F.cross_entropy. The baseline
+    the issue measured PureWide against (#30)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f = cfg.d_model, swiglu_hidden(cfg.d_ffn_wide, cfg.ffn_multiple)
+        self.n_heads = cfg.n_heads
+        self.emb, self.pos = nn.Embedding(cfg.vocab_size, d), nn.Embedding(cfg.seq_len, d)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "norm1": nn.RMSNorm(d), "qkv": nn.Linear(d, 3 * d, bias=False), "out": nn.Linear(d, d, bias=False),
+            "norm2": nn.RMSNorm(d), "up": nn.Linear(d, 2 * f, bias=False), "down": nn.Linear(f, d, bias=False)})
+            for _ in range(cfg.n_layers))
+        self.norm, self.head = nn.RMSNorm(d), nn.Linear(d, cfg.vocab_size, bias=False)
+
+    def forward(self, x, y):
+        B, T = x.shape
+        h = self.emb(x) + self.pos(torch.arange(T, device=x.device))
+        for b in self.blocks:
+            q, k, v = b["qkv"](b["norm1"](h)).view(B, T, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            h = h + b["out"](a.transpose(1, 2).reshape(B, T, -1))
+            gate, up = b["up"](b["norm2"](h)).chunk(2, dim=-1)
+            h = h + b["down"](F.silu(gate) * up)
+        loss = F.cross_entropy(self.head(self.norm(h)).flatten(0, 1), y.flatten())
+        return SimpleNamespace(loss=loss)
+
+
+def make_step(cfg: ModelConfig, batch: int, device: str, dtype, compile: bool, fast: bool, fast_opt: bool = True,
+              plain: bool = False):
+    """(one training step, train FLOPs per step, parameters) of a fresh model: forward, backward, AdamW.
+    plain: PlainGPT of cfg's shape (the FLOPs counted are PureWide's, whose matmuls it shares)."""
     torch.manual_seed(0)
     model = DualPathLM(cfg).to(device).set_fast(fast)
-    opt = build_optimizer(model, OptimConfig(), fast=fast_opt)
-    flops, params = model.train_flops_per_token(cfg.seq_len) * batch * cfg.seq_len, model.param_counts()["total"]
+    flops = model.train_flops_per_token(cfg.seq_len) * batch * cfg.seq_len
+    if plain:
+        model = PlainGPT(cfg).to(device)
+    opt = (torch.optim.AdamW(model.parameters(), fused=fast_opt or None) if plain  # the same AdamW kernel
+           else build_optimizer(model, OptimConfig(), fast=fast_opt))
+    params = sum(p.numel() for p in model.parameters())
     run = torch.compile(model) if compile else model
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device=device)
     ctx = torch.autocast(device, dtype=dtype) if dtype is not None else torch.autocast(device, enabled=False)
@@ -122,7 +166,8 @@ def main(argv=None) -> dict:
                         "with more, OpenMP's spin-waits count too)")
     p.add_argument("--reference", action="store_true", help="also time the eager reference path (before/after)")
     p.add_argument("--profile", action="store_true", help="split one step of each variant by category")
-    p.add_argument("--compile", action="store_true", help="time torch.compile'd models (warm-up includes compiling)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the fast path torch.compile'd, interleaved with eager (warm-up includes compiling)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,11 +178,16 @@ def main(argv=None) -> dict:
     backbone = ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                            n_kv_heads=args.n_heads, vocab_size=args.vocab_size, seq_len=args.seq_len)
     variants = []
-    for path, fast, fast_opt in (PATHS if args.reference else PATHS[:1]):
-        for name, arch, K in (("wide", "wide", 1), ("loop K=2", "loop", 2), ("dual K=2 α=0.5", "dual", 2)):
+    paths = (PATHS if args.reference else PATHS[:1]) + ((COMPILED,) if args.compile else ())
+    for path, fast, fast_opt, compile in paths:
+        models = (("wide", "wide", 1), ("loop K=2", "loop", 2), ("dual K=2 α=0.5", "dual", 2))
+        if path in ("fast", COMPILED[0]):
+            models += ((PLAIN, "wide", 1),)
+        for name, arch, K in models:
             r = solve(backbone, args.budget, arch, K=K, alpha=0.5, build_multiple=64, match="true",
                       seq_len=args.seq_len)
-            step, flops, params = make_step(r["config"], args.batch, device, dtype, args.compile, fast, fast_opt)
+            step, flops, params = make_step(r["config"], args.batch, device, dtype, compile, fast, fast_opt,
+                                            plain=name == PLAIN)
             step()  # warm-up (and compile)
             variants.append({"model": name, "path": path, "step": step,
                              "flops": flops, "params": params, "times": []})
@@ -161,6 +211,12 @@ def main(argv=None) -> dict:
         if args.reference and v["path"] != "reference":
             ref = next(w for w in variants if w["path"] == "reference" and w["model"] == v["model"])
             row["speedup_vs_reference"] = spread([r / f for r, f in zip(ref["times"], v["times"])])
+        plain = next((w for w in variants if w["path"] == v["path"] and w["model"] == PLAIN), None)
+        if plain is not None and v["model"] == "wide":  # the same tokens per step: the speed ratio
+            row["tokens_per_s_vs_plain_gpt"] = spread([p / t for p, t in zip(plain["times"], v["times"])])
+        if v["path"] == COMPILED[0]:
+            eager = next(w for w in variants if w["path"] == "fast" and w["model"] == v["model"])
+            row["speedup_vs_eager"] = spread([e / c for e, c in zip(eager["times"], v["times"])])
         if args.profile:
             row["profile"] = profile_split(v["step"])
         rows.append(row)
@@ -168,14 +224,16 @@ def main(argv=None) -> dict:
                "clock": args.clock,
                "gemm_peak_flops": peak, "load_before": load_before, "load_after": load(),
                "shape": vars(args), "rows": rows}
-    path = write("train_mfu_compiled" if args.compile else "train_mfu", payload)
+    path = write("train_mfu", payload)
     print(f"GEMM peak {peak['median'] / 1e9:.1f} GFLOP/s on {device}, {torch.get_num_threads()} threads, {args.clock} clock "
           f"(rounds: {peak['min'] / 1e9:.1f}-{peak['max'] / 1e9:.1f}); load {load_before} -> {payload['load_after']}")
     flat = [{"model": r["model"], "path": r["path"], "params": r["params"],
              "s/step": r["seconds_per_step"]["median"], "mfu": r["mfu"]["median"],
              "t/FLOP vs wide": r["time_per_flop_vs_wide"]["median"],
              "ratio range": "{:.3f}-{:.3f}".format(r["time_per_flop_vs_wide"]["min"], r["time_per_flop_vs_wide"]["max"]),
+             "wide vs plain GPT": r.get("tokens_per_s_vs_plain_gpt", {}).get("median"),
              "speedup": r.get("speedup_vs_reference", {}).get("median"),
+             **({"vs eager": r.get("speedup_vs_eager", {}).get("median")} if args.compile else {}),
              **({f"%{k}": 100 * r["profile"]["share"][k] for k in CATEGORIES} if args.profile else {})} for r in rows]
     print(table(flat, list(flat[0])))
     print(f"wrote {path}")

@@ -387,6 +387,75 @@ def test_resume_in_process_with_tied_embeddings_and_torn_log_line(data_dir, tmp_
     assert snapshot(run) == before
 
 
+def test_compile_auto_compiles_only_runs_that_repay_it(monkeypatch):
+    from dualpath import parallel
+    from dualpath.errors import ConfigError
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(parallel, "compiler_missing", lambda device: None)
+    long_run = parallel.COMPILE_AUTO_SECONDS * parallel.NOMINAL_RATE["cpu"]
+    assert parallel.use_compile("auto", long_run, cpu)[0] is True
+    assert parallel.use_compile("auto", 0.99 * long_run, cpu) == (False, "auto: about 30 min of eager training, "
+                                                                         "under 30 min")
+    assert parallel.use_compile("auto", long_run, torch.device("cuda"))[0] is False  # 1000x the rate on a GPU
+    assert parallel.use_compile(False, long_run, cpu)[0] is False
+    assert parallel.use_compile(True, 1.0, cpu) == (True, "train.compile=true")
+    monkeypatch.setattr(parallel, "compiler_missing", lambda device: "no working C++ compiler (InductorError)")
+    assert parallel.use_compile("auto", long_run, cpu) == (False, "auto: no working C++ compiler (InductorError)")
+    with pytest.raises(ConfigError, match="train.compile=true, but torch.compile cannot build kernels here"):
+        parallel.use_compile(True, 1.0, cpu)
+
+
+@pytest.fixture
+def no_cxx_compiler():
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}):  # monkeypatch's undo breaks torch's config
+        yield
+
+
+def test_compile_without_a_cxx_compiler(data_dir, tmp_path, no_cxx_compiler, capsys):
+    """Inductor needs a C++ compiler on CPU: train.compile=true without one is refused before any file is
+    written; auto trains eagerly and says why in the start record."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", data_dir, out, train={"steps": 2, "compile": True})
+    assert train_cli(cfg) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train.compile=true, but torch.compile cannot build kernels here: no working " \
+        "C++ compiler" in err and "Traceback" not in err
+    assert not out.exists()
+    assert train_cli(cfg, "train.compile=auto") == 0
+    start = next(r for r in records(out) if r.get("event") == "start")
+    assert (start["compile"], start["compile_reason"]) == (False, "auto: about 0 min of eager training, under 30 min")
+    assert train_cli(cfg, "train.compile=perhaps") == 2
+    assert "train.compile='perhaps' is not one of true, false, auto" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_resumes_bit_exact(data_dir, tmp_path):
+    """A compiled run trains what an eager run trains (to fp32 rounding); resumed part-way, it ends with the
+    same bits as without the interruption. Schedule: warmup then constant (the first leg's horizon is shorter)."""
+    optim = {"schedule": "constant", "warmup_steps": 2}
+    runs = {}
+    for name, compile_ in (("eager", False), ("compiled", True), ("resumed", True)):
+        runs[name] = tmp_path / name
+        cfg = write_config(tmp_path / f"{name}.yaml", data_dir, runs[name], optim=optim,
+                           train={"steps": 5, "compile": compile_})
+        if name == "resumed":
+            assert train_cli(cfg, flags=("--steps", "3")) == 0
+            assert train_cli(cfg, flags=("--steps", "5", "--resume", "auto", "--allow-safe-changes")) == 0
+        else:
+            assert train_cli(cfg) == 0
+    starts = [r for r in records(runs["resumed"]) if r.get("event") == "start"]
+    assert [r["compile"] for r in starts] == [True, True] and starts[1]["resumed_from"]
+    eager, compiled, resumed = (weights(runs[n]) for n in ("eager", "compiled", "resumed"))
+    for k in compiled:
+        assert torch.equal(compiled[k], resumed[k]), k
+    assert max_abs_diff(compiled, eager) < 1e-4
+    losses = {n: [r["loss"] for r in records(runs[n]) if "loss" in r] for n in ("eager", "compiled")}
+    np.testing.assert_allclose(losses["compiled"], losses["eager"], rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 

@@ -264,7 +264,8 @@ class TrainConfig:
     grad_accum: int = 1
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16
-    compile: bool = False
+    # torch.compile: true | false | auto (compiles a run long enough to repay the compile; parallel.use_compile)
+    compile: bool | str = "auto"
     fsdp: bool = False  # FSDP2 fully_shard (GPU); otherwise DDP when launched by torchrun
     log_every: int = 10
     eval_every: int = 100  # 0: only at the end
@@ -283,6 +284,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         _one_of("train.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("train.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        if isinstance(self.compile, str):
+            _one_of("train.compile", self.compile, ("true", "false", "auto"))
         set_ = [n for n in ("steps", "tokens", "target_flops") if getattr(self, n) > 0]
         if len(set_) > 1:
             raise ConfigError(f"set only one of train.steps, train.tokens, train.target_flops (got {', '.join(set_)})")

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .config import RunConfig
-from .errors import DualPathError
+from .errors import ConfigError, DualPathError
 
 
 @dataclass
@@ -55,7 +55,7 @@ def pick_device(name: str, d: Dist) -> torch.device:
     return torch.device("cpu")
 
 
-def wrap_model(model: nn.Module, cfg: RunConfig, device: torch.device, d: Dist) -> nn.Module:
+def wrap_model(model: nn.Module, cfg: RunConfig, device: torch.device, d: Dist, compile: bool = False) -> nn.Module:
     """DDP or FSDP2 around the single-device model, then torch.compile."""
     if d.enabled and cfg.train.fsdp:
         try:
@@ -70,9 +70,53 @@ def wrap_model(model: nn.Module, cfg: RunConfig, device: torch.device, d: Dist) 
 
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=_has_unused_params(model, device))
-    if cfg.train.compile:
+    if compile:
         model = torch.compile(model)
     return model
+
+
+# train.compile=auto compiles a run whose eager training would take at least this long at a nominal rate:
+# compiling costs about a minute on CPU and saves 5-14% of each step (docs/BENCHMARKS.md), so shorter runs
+# (tests, the demo) lose time to it. The nominal rates (sustained FLOP/s) make the choice depend on the run
+# alone, so a resumed run makes the same one.
+COMPILE_AUTO_SECONDS = 1800
+NOMINAL_RATE = {"cpu": 1e11, "cuda": 3e14}
+
+
+def compiler_missing(device: torch.device) -> str | None:
+    """Why torch.compile's default backend cannot build kernels for `device` here (None: it can)."""
+    try:
+        if device.type == "cuda":
+            from torch.utils._triton import has_triton
+
+            return None if has_triton() else "Triton is not installed"
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except (ImportError, AttributeError):  # another torch version: let torch.compile decide
+        return None
+    except Exception as e:  # inductor's InvalidCxxCompiler
+        return f"no working C++ compiler ({type(e).__name__})"
+    return None
+
+
+def use_compile(setting: bool | str, train_flops: float, device: torch.device) -> tuple[bool, str]:
+    """(compile or not, why) for train.compile=setting and a run of train_flops true training FLOPs.
+    ConfigError when compiling is asked for explicitly and cannot work here."""
+    missing = compiler_missing(device) if setting is not False else None
+    if setting is True:
+        if missing:
+            raise ConfigError(f"train.compile=true, but torch.compile cannot build kernels here: {missing}; "
+                              "set train.compile=false or auto")
+        return True, "train.compile=true"
+    if setting is False:
+        return False, "train.compile=false"
+    seconds = train_flops / NOMINAL_RATE.get(device.type, NOMINAL_RATE["cpu"])
+    if seconds < COMPILE_AUTO_SECONDS:
+        return False, f"auto: about {seconds / 60:.0f} min of eager training, under {COMPILE_AUTO_SECONDS // 60} min"
+    if missing:
+        return False, f"auto: {missing}"
+    return True, f"auto: about {seconds / 60:.0f} min of eager training"
 
 
 def _has_unused_params(model: nn.Module, device: torch.device) -> bool:

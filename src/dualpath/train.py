@@ -33,7 +33,7 @@ from .data.tokenizer import check_same_tokenizer
 from .errors import ConfigError, DualPathError, warn
 from .fileio import FolderLock, atomic_write_json, check_writable_dir
 from .parallel import (Dist, full_state_dict, init_distributed, load_optimizer_state_dict, optimizer_state_dict,
-                       pick_device, sync_context, unwrap, wrap_model)
+                       pick_device, sync_context, unwrap, use_compile, wrap_model)
 from .perf import peak_flops
 
 LN2 = math.log(2.0)
@@ -270,13 +270,14 @@ MIN_HISTORY = 5  # losses the spike guard needs before it judges a step
 
 # What a run folder holds (the lock file aside); --overwrite removes exactly these.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "tb", "eval.json")
-# Keys a resume never compares (where the run is, how it was asked to resume)...
-RESUME_IGNORED = ("train.resume", "train.out_dir")
+# Keys a resume never compares (where the run is, how it was asked to resume, whether it is compiled: that
+# changes float rounding only, as the thread count does)...
+RESUME_IGNORED = ("train.resume", "train.out_dir", "train.compile")
 # ...and those --allow-safe-changes lets differ: the horizon (the LR schedule follows the new one), cadence
 # of logs, evals and saves, and reporting. Everything else changes what the run computes.
 SAFE_CHANGES = ("train.steps", "train.tokens", "train.target_flops", "train.log_every", "train.eval_every",
                 "train.eval_batches", "train.save_every", "train.keep_last", "train.tensorboard", "train.progress",
-                "train.peak_flops", "train.compile", "train.divergence_factor", "train.divergence_window")
+                "train.peak_flops", "train.divergence_factor", "train.divergence_window")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -392,6 +393,7 @@ def train(cfg: RunConfig, *, overwrite: bool = False, allow_safe_changes: bool =
     tokens_per_step = B * A * d.world * seq_len
     train_fpt = raw.train_flops_per_token(seq_len)
     total_steps = horizon(cfg, tokens_per_step, train_fpt)
+    compiled = use_compile(t.compile, total_steps * tokens_per_step * train_fpt, device)
 
     resume_from = resume_point(cfg, overwrite=overwrite, allow_safe_changes=allow_safe_changes)
     seen = [p.name for p in ckpt_io.step_folders(out_dir / "checkpoints")]
@@ -415,7 +417,7 @@ def train(cfg: RunConfig, *, overwrite: bool = False, allow_safe_changes: bool =
             if overwrite:
                 _remove_run(out_dir)
         return _train_locked(cfg, d, device, raw, batches, seq_len, tokens_per_step, train_fpt, total_steps,
-                             resume_from, step, windows, recent)
+                             resume_from, step, windows, recent, compiled)
     finally:
         if lock is not None:
             lock.release()
@@ -423,11 +425,11 @@ def train(cfg: RunConfig, *, overwrite: bool = False, allow_safe_changes: bool =
 
 def _train_locked(cfg: RunConfig, d: Dist, device, raw: nn.Module, batches: Batches, seq_len: int,
                   tokens_per_step: int, train_fpt: float, total_steps: int, resume_from: Path | None, step: int,
-                  windows: int, recent: deque) -> dict:
+                  windows: int, recent: deque, compiled: tuple[bool, str]) -> dict:
     t = cfg.train
     out_dir = Path(t.out_dir)
     B, A = cfg.data.batch_size, t.grad_accum
-    model = wrap_model(raw, cfg, device, d)
+    model = wrap_model(raw, cfg, device, d, compile=compiled[0])
     optimizer = build_optimizer(raw, cfg.optim)  # after wrapping: FSDP2 replaces the parameters
     if resume_from is not None and (resume_from / "optimizer.pt").is_file():
         load_optimizer_state_dict(model, optimizer, ckpt_io.load_torch(resume_from / "optimizer.pt"), cfg)
@@ -442,7 +444,8 @@ def _train_locked(cfg: RunConfig, d: Dist, device, raw: nn.Module, batches: Batc
         logger.log({"step": step, "event": "start", "params": raw.param_counts()["total"],
                     "train_flops_per_token": train_fpt, "tokens_per_step": tokens_per_step,
                     "total_steps": total_steps, "peak_flops": peak, "peak_source": peak_src, "world": d.world,
-                    "device": str(device), "resumed_from": str(resume_from) if resume_from else None})
+                    "device": str(device), "compile": compiled[0], "compile_reason": compiled[1],
+                    "resumed_from": str(resume_from) if resume_from else None})
 
     saved: list[Path] = []  # the checkpoints this run wrote, oldest first
     # Older checkpoints are pruned only once a newer one is known healthy (its weights gave a healthy loss

@@ -395,6 +395,8 @@ def check_run_folders(runs: list[Run]) -> None:
         planned = to_dict(r.config)
         if isinstance(stored.get("train"), dict) and "out_dir" in stored["train"]:
             planned["train"]["out_dir"] = stored["train"]["out_dir"]  # the same folder, however the path is spelled
+        if isinstance(stored.get("train"), dict) and "compile" in stored["train"]:
+            planned["train"]["compile"] = stored["train"]["compile"]  # float rounding only (train.RESUME_IGNORED)
         diff = _first_difference(stored, planned)
         if diff:
             raise ConfigError(f"{path} was trained under another config ({diff}); "
