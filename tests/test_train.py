@@ -393,11 +393,17 @@ def test_compile_auto_compiles_only_runs_that_repay_it(monkeypatch):
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(parallel, "compiler_missing", lambda device: None)
-    long_run = parallel.COMPILE_AUTO_SECONDS * parallel.NOMINAL_RATE["cpu"]
+    long_run = parallel.COMPILE_AUTO_SECONDS * parallel.NOMINAL_RATE["cpu"]  # on one thread (the autouse fixture)
+    assert torch.get_num_threads() == 1
     assert parallel.use_compile("auto", long_run, cpu)[0] is True
     assert parallel.use_compile("auto", 0.99 * long_run, cpu) == (False, "auto: about 30 min of eager training, "
                                                                          "under 30 min")
-    assert parallel.use_compile("auto", long_run, torch.device("cuda"))[0] is False  # 1000x the rate on a GPU
+    assert parallel.use_compile("auto", long_run, torch.device("cuda"))[0] is False  # a GPU's rate
+    torch.set_num_threads(2)  # twice the rate: half the time
+    try:
+        assert parallel.use_compile("auto", 1.9 * long_run, cpu)[0] is False
+    finally:
+        torch.set_num_threads(1)
     assert parallel.use_compile(False, long_run, cpu)[0] is False
     assert parallel.use_compile(True, 1.0, cpu) == (True, "train.compile=true")
     monkeypatch.setattr(parallel, "compiler_missing", lambda device: "no working C++ compiler (InductorError)")

@@ -76,11 +76,11 @@ def wrap_model(model: nn.Module, cfg: RunConfig, device: torch.device, d: Dist, 
 
 
 # train.compile=auto compiles a run whose eager training would take at least this long at a nominal rate:
-# compiling costs about a minute on CPU and saves 5-14% of each step (docs/BENCHMARKS.md), so shorter runs
-# (tests, the demo) lose time to it. The nominal rates (sustained FLOP/s) make the choice depend on the run
-# alone, so a resumed run makes the same one.
+# compiling costs about a minute on CPU and saves 5-15% of each step (docs/BENCHMARKS.md), so shorter runs
+# (tests, the demo) lose time to it. Nominal sustained rates (FLOP/s; per thread on CPU: half of the one-thread
+# fp32 GEMM peak measured here), not a measured one, so a resumed run with the same threads decides the same.
 COMPILE_AUTO_SECONDS = 1800
-NOMINAL_RATE = {"cpu": 1e11, "cuda": 3e14}
+NOMINAL_RATE = {"cpu": 4.5e10, "cuda": 3e14}
 
 
 def compiler_missing(device: torch.device) -> str | None:
@@ -111,7 +111,8 @@ def use_compile(setting: bool | str, train_flops: float, device: torch.device) -
         return True, "train.compile=true"
     if setting is False:
         return False, "train.compile=false"
-    seconds = train_flops / NOMINAL_RATE.get(device.type, NOMINAL_RATE["cpu"])
+    rate = NOMINAL_RATE["cuda"] if device.type == "cuda" else NOMINAL_RATE["cpu"] * torch.get_num_threads()
+    seconds = train_flops / rate
     if seconds < COMPILE_AUTO_SECONDS:
         return False, f"auto: about {seconds / 60:.0f} min of eager training, under {COMPILE_AUTO_SECONDS // 60} min"
     if missing:
