@@ -208,7 +208,7 @@ def main(argv=None) -> dict:
         mfu = [v["flops"] / t / pk for t, pk in zip(v["times"], peaks)]
         row = {"model": v["model"], "path": v["path"], "params": v["params"], "train_flops_per_step": v["flops"],
                "seconds_per_step": spread(v["times"]), "mfu": spread(mfu), "time_per_flop_vs_wide": spread(ratios)}
-        if args.reference and v["path"] != "reference":
+        if args.reference and v["path"] != "reference" and v["model"] != PLAIN:  # no reference path of its own
             ref = next(w for w in variants if w["path"] == "reference" and w["model"] == v["model"])
             row["speedup_vs_reference"] = spread([r / f for r, f in zip(ref["times"], v["times"])])
         plain = next((w for w in variants if w["path"] == v["path"] and w["model"] == PLAIN), None)

@@ -284,8 +284,10 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         _one_of("train.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("train.dtype", self.dtype, ("auto", "float32", "bfloat16"))
-        if isinstance(self.compile, str):
+        if isinstance(self.compile, str):  # YAML and key=value give bools already; a Python caller may not
             _one_of("train.compile", self.compile, ("true", "false", "auto"))
+            if self.compile != "auto":
+                self.compile = self.compile == "true"
         set_ = [n for n in ("steps", "tokens", "target_flops") if getattr(self, n) > 0]
         if len(set_) > 1:
             raise ConfigError(f"set only one of train.steps, train.tokens, train.target_flops (got {', '.join(set_)})")

@@ -8,6 +8,7 @@ The model knows nothing of this module; the trainer calls it. The only model str
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -101,23 +102,23 @@ def compiler_missing(device: torch.device) -> str | None:
 
 
 def use_compile(setting: bool | str, train_flops: float, device: torch.device) -> tuple[bool, str]:
-    """(compile or not, why) for train.compile=setting and a run of train_flops true training FLOPs.
-    ConfigError when compiling is asked for explicitly and cannot work here."""
-    missing = compiler_missing(device) if setting is not False else None
+    """(compile or not, why) for train.compile=setting and train_flops true training FLOPs per process.
+    ConfigError when compiling is asked for explicitly and cannot work here. Every process of a torchrun job
+    decides for itself: its nodes need the same toolchain."""
     if setting is True:
-        if missing:
+        if missing := compiler_missing(device):
             raise ConfigError(f"train.compile=true, but torch.compile cannot build kernels here: {missing}; "
                               "set train.compile=false or auto")
         return True, "train.compile=true"
     if setting is False:
         return False, "train.compile=false"
     rate = NOMINAL_RATE["cuda"] if device.type == "cuda" else NOMINAL_RATE["cpu"] * torch.get_num_threads()
-    seconds = train_flops / rate
-    if seconds < COMPILE_AUTO_SECONDS:
-        return False, f"auto: about {seconds / 60:.0f} min of eager training, under {COMPILE_AUTO_SECONDS // 60} min"
-    if missing:
+    minutes = train_flops / rate / 60
+    if minutes < COMPILE_AUTO_SECONDS / 60:
+        return False, f"auto: about {math.floor(minutes)} min of eager training, under {COMPILE_AUTO_SECONDS // 60} min"
+    if missing := compiler_missing(device):  # only here: the check imports much of inductor (about 1.5 s)
         return False, f"auto: {missing}"
-    return True, f"auto: about {seconds / 60:.0f} min of eager training"
+    return True, f"auto: about {math.floor(minutes)} min of eager training"
 
 
 def _has_unused_params(model: nn.Module, device: torch.device) -> bool:

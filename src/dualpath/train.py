@@ -393,7 +393,7 @@ def train(cfg: RunConfig, *, overwrite: bool = False, allow_safe_changes: bool =
     tokens_per_step = B * A * d.world * seq_len
     train_fpt = raw.train_flops_per_token(seq_len)
     total_steps = horizon(cfg, tokens_per_step, train_fpt)
-    compiled = use_compile(t.compile, total_steps * tokens_per_step * train_fpt, device)
+    compiled = use_compile(t.compile, total_steps * tokens_per_step * train_fpt / d.world, device)
 
     resume_from = resume_point(cfg, overwrite=overwrite, allow_safe_changes=allow_safe_changes)
     seen = [p.name for p in ckpt_io.step_folders(out_dir / "checkpoints")]

@@ -382,6 +382,7 @@ def dry_run(sweep: SweepConfig, runs: list[Run], device_kind: str | None = None,
 def check_run_folders(runs: list[Run]) -> None:
     """A folder trained under another config would be skipped as finished, or resumed, as if it were this run:
     refuse it. Keys the stored run.yaml lacks are fields an older version did not have."""
+    from ..train import RESUME_IGNORED
     for r in runs:
         path = Path(r.config.train.out_dir) / "run.yaml"
         if not path.is_file():
@@ -393,10 +394,11 @@ def check_run_folders(runs: list[Run]) -> None:
         if not isinstance(stored, dict):
             raise ConfigError(f"{path} is not a run config; remove the folder to train this run again")
         planned = to_dict(r.config)
-        if isinstance(stored.get("train"), dict) and "out_dir" in stored["train"]:
-            planned["train"]["out_dir"] = stored["train"]["out_dir"]  # the same folder, however the path is spelled
-        if isinstance(stored.get("train"), dict) and "compile" in stored["train"]:
-            planned["train"]["compile"] = stored["train"]["compile"]  # float rounding only (train.RESUME_IGNORED)
+        # what a resume never compares either: the folder however its path is spelled, compiling
+        for key in RESUME_IGNORED:
+            section, name = key.split(".")
+            if isinstance(stored.get(section), dict) and name in stored[section]:
+                planned[section][name] = stored[section][name]
         diff = _first_difference(stored, planned)
         if diff:
             raise ConfigError(f"{path} was trained under another config ({diff}); "
