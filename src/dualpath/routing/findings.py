@@ -84,7 +84,7 @@ def measure(reps: list[dict], skip_reps: list[dict] | None = None) -> list[dict]
         paired(f"router {name} lands near best-of-N, not the oracle", "trained routers perform like the best of 100 "
                "random trials, far from the oracle", f"router − best of N random patterns, k={mid}",
                f"trained router {name}", "best of N random patterns", mid, sign=0,
-               note="reproduced: every interval holds 0 (no difference from best-of-N)")
+               note="a finding of no difference: reproduced when every seed's interval holds 0")
         gaps, agree = [], []
         for rep in reps:
             a = next((x for x in rep.get("agreement", []) if x["router"] == name and int(x["budget"]) == mid), None)
