@@ -737,3 +737,26 @@ def test_new_duo_options_reject_bad_input_with_one_line(duo_run, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_train_router_refuses_an_out_that_holds_a_run_or_cannot_be_written(duo_run, tmp_path, capsys):
+    """Saving a router into the base run's folder would overwrite or prune its checkpoint: refused before any
+    work, as are an --out where no folder can be made (/proc) and a --labels file in a missing folder."""
+    import shutil
+
+    from dualpath.cli import main
+
+    root, data, ckpt = duo_run
+    base = shutil.copytree(root / "base", tmp_path / "base")
+    before = {p: p.read_bytes() for p in base.rglob("*") if p.is_file()}
+    common = ["--data", str(data), "--budget", "0.5", "--steps", "2", "--max-sequences", "4", "--seq-len", str(T)]
+    cases = [(["--out", str(base)], "holds a run or router already"),
+             (["--out", "/proc/dualpath_router"], "cannot create a folder in /proc"),
+             (["--kind", "oracle", "--labels", str(tmp_path / "missing" / "l.pt"), "--out", str(tmp_path / "r")],
+              "--labels")]
+    for args, message in cases:
+        assert main(["duo", "train-router", str(ckpt), *common, *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in base.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "r").exists()

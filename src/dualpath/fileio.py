@@ -114,7 +114,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
     """DualPathError unless `path` is, or can be created as, a folder this process may write into: not a
-    file, no file among its parents, its nearest existing ancestor writable. Nothing is created."""
+    file, no file among its parents, its nearest existing ancestor writable. Nothing is left behind."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise DualPathError(f"{what} {path} exists and is not a folder")
@@ -127,6 +127,11 @@ def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> 
             raise DualPathError(f"{what} {path}: {probe} is a file, not a folder")
     if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
         raise DualPathError(f"{what} {path}: {probe} is not writable")
+    if probe.is_dir():  # root passes os.access everywhere, and some file systems (/proc) refuse any folder
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".write_check_", dir=probe))
+        except OSError as e:
+            raise DualPathError(f"{what} {path}: cannot create a folder in {probe} ({e.strerror})") from None
     return path
 
 

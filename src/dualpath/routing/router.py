@@ -389,6 +389,14 @@ def run_train_router(checkpoint, data, budget: float, out, *, kind: str = "budge
 
     target = check_fraction(budget)
     check_variant(kind, choices, router_input, hidden)
+    held = [n for n in ("checkpoints", "router.json", "config.yaml", "metrics.jsonl") if (Path(out) / n).exists()]
+    if held:  # saving would overwrite or prune what is there (a trained model, another router)
+        raise ConfigError(f"--out {out} holds a run or router already ({', '.join(held)}); "
+                          "give a new folder, or remove this one")
+    if labels_file and kind == "oracle":
+        from ..fileio import check_output_file
+
+        check_output_file(labels_file, "--labels")
     if label_sequences < 1:
         raise ConfigError(f"--label-sequences must be >= 1, got {label_sequences}")
     model, cfg, ckpt = load_model(checkpoint, device)
