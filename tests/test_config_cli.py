@@ -139,6 +139,7 @@ def test_unknown_key_without_close_match_lists_valid_keys():
     ("model.vocab_size=0", ["vocab_size"]),
     ("model.ponder_weight=-1", ["ponder_weight"]),
     ("model.rope_base=0", ["rope_base"]),
+    ("train.seed=-1", ["train.seed", ">= 0"]),
 ])
 def test_inconsistent_values_raise_one_line_config_error(tiny_yaml, override, words):
     with pytest.raises(ConfigError) as e:

@@ -727,6 +727,10 @@ def test_router_variants_and_held_out_report_through_the_cli(duo_run, tmp_path, 
     (["train-router", "--budget", "0.5", "--kind", "oracle", "--label-sequences", "0"], "--label-sequences"),
     (["report", "--budgets", "1", "--bootstrap", "5"], "--bootstrap"),
     (["report", "--budgets", "1", "--select-sequences", "-1"], "--select-sequences"),
+    (["train-router", "--budget", "0.5", "--lr", "-1"], "--lr must be finite and > 0"),
+    (["train-router", "--budget", "0.5", "--lr", "nan"], "--lr must be finite and > 0"),
+    pytest.param(["oracle", "--budgets", "1", "--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
 ])
 def test_new_duo_options_reject_bad_input_with_one_line(duo_run, tmp_path, capsys, args, message):
     from dualpath.cli import main
@@ -760,3 +764,23 @@ def test_train_router_refuses_an_out_that_holds_a_run_or_cannot_be_written(duo_r
         assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
     assert {p: p.read_bytes() for p in base.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "r").exists()
+
+
+def test_oracle_labels_belong_to_the_weights_not_the_path(duo_run, tmp_path, capsys):
+    """Labels saved for one model are refused for another model trained into the same folder."""
+    from dualpath.cli import main
+
+    _, data, _ = duo_run
+    base, labels = tmp_path / "base", tmp_path / "labels.pt"
+    args = ["--data", str(data), "--budget", "0.5", "--steps", "2", "--max-sequences", "4", "--seq-len", str(T),
+            "--kind", "oracle", "--label-sequences", "4", "--labels", str(labels)]
+    first = save_checkpoint(base, 1, duo_model(11).state_dict(), RunConfig(model=duo_model(11).cfg))
+    assert main(["duo", "train-router", str(first), *args, "--out", str(tmp_path / "r1")]) == 0
+    again = save_checkpoint(base, 1, duo_model(12).state_dict(), RunConfig(model=duo_model(12).cfg))
+    assert again == first
+    saved = labels.read_bytes()
+    capsys.readouterr()
+    assert main(["duo", "train-router", str(again), *args, "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds labels of another setting (base_weights" in err
+    assert labels.read_bytes() == saved and not (tmp_path / "r2").exists()

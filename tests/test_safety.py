@@ -503,6 +503,8 @@ def _sweep(tmp_path: Path, data: Path, **kw) -> Path:
     ({"seeds": []}, "sweep.seeds is empty"),
     ({"tokens": []}, "sweep.tokens is empty"),
     ({"seeds": [0, 0]}, "sweep.seeds lists a value twice"),
+    ({"seeds": [-1]}, "sweep.seeds must be >= 0"),
+    ({"eval_limit": -3}, "sweep.eval_limit must be >= 0"),
     ({"arms": [{"arch": "loop", "K": []}]}, "K is an empty list"),
     ({"arms": [{"arch": "dual", "alpha": []}]}, "alpha is an empty list"),
     ({"arms": [{"arch": "wide"}, {"arch": "wide"}]}, "the same arm twice"),

@@ -764,6 +764,11 @@ def preflight(args) -> None:
     validator), and an output folder that is not a file and can be written."""
     from .fileio import check_writable_dir
 
+    if getattr(args, "device", None) == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DualPathError("--device cuda, but no CUDA device is available")
     if getattr(args, "checkpoint", None) and args.command != "lm-eval":
         check_checkpoint_options(args)
     if args.command in OUTPUT_FOLDER_COMMANDS:

@@ -284,6 +284,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         _one_of("train.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("train.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        if self.seed < 0:  # numpy's generators take none
+            raise ConfigError(f"train.seed must be >= 0, got {self.seed}")
         if isinstance(self.compile, str):  # YAML and key=value give bools already; a Python caller may not
             _one_of("train.compile", self.compile, ("true", "false", "auto"))
             if self.compile != "auto":

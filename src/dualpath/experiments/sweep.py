@@ -140,6 +140,10 @@ class SweepConfig:
                 raise ConfigError(f"sweep.{name} lists a value twice: {values}")
         if min(self.budgets) <= 0:
             raise ConfigError(f"sweep.budgets must be > 0, got {self.budgets}")
+        if min(self.seeds) < 0:
+            raise ConfigError(f"sweep.seeds must be >= 0, got {self.seeds}")
+        if self.eval_limit < 0:
+            raise ConfigError(f"sweep.eval_limit must be >= 0 (0: all), got {self.eval_limit}")
         if self.match not in ("paper", "true"):
             raise ConfigError(f"sweep.match must be paper or true, got '{self.match}'")
         if self.protocol not in ("tokens", "flops"):

@@ -104,14 +104,16 @@ def _router_params(m) -> list:
     return params
 
 
-def _check_train_args(target, steps, tau_start=1.0, tau_end=1.0, budget_weight=0.0) -> float:
+def _check_train_args(target, steps, tau_start=1.0, tau_end=1.0, budget_weight=0.0, lr=DEFAULT_LR) -> float:
     target = check_fraction(target)
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {steps}")
-    if not (tau_start > 0 and tau_end > 0):
-        raise ConfigError("router temperatures must be > 0")
-    if budget_weight < 0:
-        raise ConfigError(f"the budget weight must be >= 0, got {budget_weight}")
+    if not (tau_start > 0 and tau_end > 0 and math.isfinite(tau_start) and math.isfinite(tau_end)):
+        raise ConfigError("router temperatures must be finite and > 0")
+    if not (budget_weight >= 0 and math.isfinite(budget_weight)):
+        raise ConfigError(f"the budget weight must be finite and >= 0, got {budget_weight}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"--lr must be finite and > 0, got {lr}")
     return target
 
 
@@ -386,6 +388,7 @@ def run_train_router(checkpoint, data, budget: float, out, *, kind: str = "budge
     (duo_policy=router) under OUT/checkpoints and OUT/router.json."""
     from ..checkpoint import atomic_write_text, load_model, save_checkpoint
     from ..data.loader import load_windows, make_batches, train_window_fn
+    from ..fileio import sha256_file
 
     target = check_fraction(budget)
     check_variant(kind, choices, router_input, hidden)
@@ -401,7 +404,7 @@ def run_train_router(checkpoint, data, budget: float, out, *, kind: str = "budge
         raise ConfigError(f"--label-sequences must be >= 1, got {label_sequences}")
     model, cfg, ckpt = load_model(checkpoint, device)
     check_duo(model, "`duo train-router`")
-    _check_train_args(target, steps, 1.0, tau_end, budget_weight)
+    _check_train_args(target, steps, 1.0, tau_end, budget_weight, lr)
     variant = dict(choices=choices, router_input=router_input, hidden=hidden)
     x, y = load_windows(data, model, tokenizer_dir=ckpt, max_sequences=eval_sequences, seq_len=seq_len)
     torch.manual_seed(seed)
@@ -416,7 +419,8 @@ def run_train_router(checkpoint, data, budget: float, out, *, kind: str = "budge
         lb = make_batches(lx, ly, batch_size, device)
         k = round(target * model.cfg.n_layers)
         key = {"budget": k, "with_skip": choices == "bsx", "windows": int(lx.shape[0]), "seq_len": int(lx.shape[1]),
-               "base_checkpoint": str(ckpt), "max_patterns": max_patterns, "beam": beam}
+               "base_checkpoint": str(ckpt), "max_patterns": max_patterns, "beam": beam,
+               "base_weights": sha256_file(ckpt / "model.safetensors")}  # a retrained model in the same folder
         cached = _load_labels(labels_file, key) if labels_file else None
         if cached is None:
             labels, e = oracle_labels(model, lb, k, choices == "bsx", max_patterns=max_patterns, beam=beam, log=log)
