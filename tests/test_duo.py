@@ -784,3 +784,27 @@ def test_oracle_labels_belong_to_the_weights_not_the_path(duo_run, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds labels of another setting (base_weights" in err
     assert labels.read_bytes() == saved and not (tmp_path / "r2").exists()
+
+
+def test_findings_refuse_reports_that_do_not_measure_the_same_things(tmp_path, capsys):
+    """Seeds' reports with other budgets, a skip report that is not one, or a JSON file that is no report:
+    one line, exit 2, nothing written (they used to end in a KeyError)."""
+    from dualpath.cli import main
+
+    def report(name, budgets, with_skip=False):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "report.json").write_text(json.dumps({"rows": [], "comparisons": [], "n_layers": 3, "with_skip": with_skip,
+                                                   "difficulty": {str(k): {} for k in budgets}}))
+        return str(d)
+
+    a, b, c = report("a", [1, 2]), report("b", [1]), report("c", [1, 2])
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "report.json").write_text('{"x": 1}')
+    cases = [([a, b], "has other layers or budgets than"), ([a, "--skip-report", c], "is not a --with-skip report"),
+             ([a, str(tmp_path / "x")], "is not a `duo report` report (no rows)")]
+    for args, message in cases:
+        assert main(["duo", "findings", *args, "--out", str(tmp_path / "f")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "f").exists()

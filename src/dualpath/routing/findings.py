@@ -22,9 +22,30 @@ def load_report(path) -> dict:
     if not p.is_file():
         raise DataError(f"no report.json in {path} (run `dualpath duo report` first)")
     try:
-        return json.loads(p.read_text())
+        rep = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{p} is not a JSON report ({e.msg})") from None
+    missing = [k for k in REPORT_KEYS if not isinstance(rep, dict) or k not in rep]
+    if missing:
+        raise DataError(f"{p} is not a `duo report` report (no {missing[0]})")
+    return rep
+
+
+REPORT_KEYS = ("rows", "comparisons", "difficulty", "n_layers", "with_skip")
+
+
+def _check_alike(reps: list[dict], dirs, with_skip: bool | None, what: str) -> None:
+    """The seeds' reports must measure the same things: layers, budgets, with or without skip (None: as the
+    first one)."""
+    first = reps[0]
+    with_skip = bool(first["with_skip"]) if with_skip is None else with_skip
+    for rep, d in zip(reps, dirs):
+        if bool(rep["with_skip"]) != with_skip:
+            raise DataError(f"{what} {d} is {'' if rep['with_skip'] else 'not '}a --with-skip report")
+        if rep["n_layers"] != first["n_layers"] or set(rep["difficulty"]) != set(first["difficulty"]):
+            raise DataError(f"{what} {d} has other layers or budgets than {dirs[0]} "
+                            f"({rep['n_layers']} layers, budgets {sorted(map(int, rep['difficulty']))} vs "
+                            f"{first['n_layers']}, {sorted(map(int, first['difficulty']))})")
 
 
 def _comparison(rep, a: str, b: str, budget: int):
@@ -188,7 +209,10 @@ def run_findings(report_dirs, out, skip_dirs=()) -> list[dict]:
     if not report_dirs:
         raise DataError("no report folders given")
     reps = [load_report(p) for p in report_dirs]
+    _check_alike(reps, list(report_dirs), None, "report")
     skips = [load_report(p) for p in skip_dirs] if skip_dirs else None
+    if skips:
+        _check_alike(skips, list(skip_dirs), True, "--skip-report")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} exists and is not a folder")

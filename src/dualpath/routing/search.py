@@ -183,6 +183,8 @@ class PatternEvaluator:
         self.seq_arg = [torch.full((y.shape[0],), -1, dtype=torch.long) for _, y in self.batches]
         T = next(iter(Ts))
         self.prefix_split = T // 2 if prefix_split is None else int(prefix_split)
+        if T < 2:  # the held-out per-sequence choice needs a first and a second half
+            raise ConfigError(f"windows of {T} token(s): the search needs at least 2 (--seq-len)")
         if not 0 < self.prefix_split < T:
             raise ValueError(f"prefix_split must be in [1, {T - 1}], got {self.prefix_split}")
 
