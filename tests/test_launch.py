@@ -267,6 +267,17 @@ def test_slurm_sweep_equals_local_and_resumes_after_preemption(tmp_path, data_di
     assert "2 done, 0 running, 0 pending, 0 failed" in capsys.readouterr().out
 
 
+def test_a_submission_sbatch_refuses_is_one_line_and_leaves_no_submission_files(tmp_path, data_dir, slurm,
+                                                                                 capsys):  # noqa: F811
+    path = _tiny(tmp_path, data_dir, "refused")
+    assert main(["sweep", str(path), "--launcher", "slurm", "--slurm-partition", "nosuch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: sbatch refused the sweep's job array: ") and "partition" in err[-1].lower()
+    assert not any("Traceback" in ln for ln in err)
+    assert not [p for p in (tmp_path / "refused" / "slurm").rglob("*") if p.is_file()]
+    assert not list((tmp_path / "refused").rglob("job.json"))
+
+
 def test_status_of_a_slurm_job_that_left_the_queue(tmp_path, data_dir, slurm, capsys):  # noqa: F811
     path = _tiny(tmp_path, data_dir, "gone")
     folder = Path(plan(load_sweep(path))[0].config.train.out_dir)

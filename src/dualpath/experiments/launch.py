@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DualPathError
 from .sweep import JOB_RECORD, Run, SweepConfig, check_run_folders, plan, prepare_dial_data, read_metrics, \
     record_job, run_command, run_order
 
@@ -180,10 +180,20 @@ def submit_slurm(sweep: SweepConfig, options: SlurmOptions, threads: int = 0, lo
     params = {k: v for k, v in params.items() if v is not None and k not in extra}
     executor.update_parameters(**params, additional_parameters={"requeue": True, **extra})
     jobs = []
-    with executor.batch():
-        for r in todo:
-            jobs.append(executor.submit(RunJob(run_command(r, sweep), r.config.train.out_dir, threads,
-                                               options.gpus_per_node, options.nodes)))
+    slurm_dir = Path(sweep.out_dir) / "slurm"
+    before = set(slurm_dir.rglob("*")) if slurm_dir.is_dir() else set()
+    try:
+        with executor.batch():
+            for r in todo:
+                jobs.append(executor.submit(RunJob(run_command(r, sweep), r.config.train.out_dir, threads,
+                                                   options.gpus_per_node, options.nodes)))
+    except submitit.core.utils.FailedJobError as e:  # sbatch refused: no controller, a bad partition, ...
+        for p in sorted(set(slurm_dir.rglob("*")) - before, reverse=True):  # the submission's own files
+            p.rmdir() if p.is_dir() else p.unlink()
+        text = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        lines = ([ln for ln in text if "fatal" in ln.lower()] or [ln for ln in text if "error" in ln.lower()]
+                 or text or ["no message"])
+        raise DualPathError(f"sbatch refused the sweep's job array: {lines[-1]}") from None
     for r, job in zip(todo, jobs):
         record_job(r.config.train.out_dir, launcher="slurm", job_id=str(job.job_id), stderr=str(job.paths.stderr))
         log(f"submitted: {r.folder} as Slurm job {job.job_id}")
