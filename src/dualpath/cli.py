@@ -205,7 +205,7 @@ def _float_list(text: str) -> list[float]:
 
 def _int_list(text: str) -> list[int]:
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",")]  # an empty entry ("1,,2") is an error too
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
     if not values:
@@ -638,12 +638,12 @@ def build_parser() -> argparse.ArgumentParser:
         return s
 
     s = duo_parser("oracle", "best routings under a budget of big layers (prefix-shared search)", cmd_duo_oracle)
-    s.add_argument("--max-patterns", type=int, default=4096, help="enumerate up to this many, else beam search")
-    s.add_argument("--beam", type=int, default=16)
+    s.add_argument("--max-patterns", type=_at_least(1), default=4096, help="enumerate up to this many, else beam search")
+    s.add_argument("--beam", type=_at_least(1), default=16)
     s = duo_parser("gates", "the same search over a Dual-Path model's per-layer gate choices", cmd_duo_gates,
                    budgets=False)
-    s.add_argument("--max-patterns", type=int, default=4096)
-    s.add_argument("--beam", type=int, default=16)
+    s.add_argument("--max-patterns", type=_at_least(1), default=4096)
+    s.add_argument("--beam", type=_at_least(1), default=16)
     s = duo_parser("train-router", "train per-layer routers on a frozen model to a big-layer budget",
                    cmd_duo_train_router, budgets=False)
     s.add_argument("--budget", type=float, required=True, help="target fraction of big layers, 0..1")
@@ -656,8 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label-sequences", type=int, default=64, help="--kind oracle: training windows labelled")
     s.add_argument("--labels", help="--kind oracle: a file of oracle labels, read if it holds this setting's, "
                    "else written for the next router")
-    s.add_argument("--max-patterns", type=int, default=4096, help="--kind oracle: the label search")
-    s.add_argument("--beam", type=int, default=16)
+    s.add_argument("--max-patterns", type=_at_least(1), default=4096, help="--kind oracle: the label search")
+    s.add_argument("--beam", type=_at_least(1), default=16)
     s.add_argument("--steps", type=int, default=500)
     s.add_argument("--lr", type=float, default=3e-3)
     s.add_argument("--budget-weight", type=float, default=100.0)
@@ -666,10 +666,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = duo_parser("report", "all-big, all-small, random, best-of-N, router and oracles in one table", cmd_duo_report)
     s.add_argument("--random-trials", type=int, default=100)
     s.add_argument("--router", action="append", help="router checkpoint (repeatable)")
-    s.add_argument("--router-steps", type=int, default=0, help="train quick routers for budgets without one")
-    s.add_argument("--max-patterns", type=int, default=4096)
-    s.add_argument("--beam", type=int, default=16)
-    s.add_argument("--help-threshold", type=float, default=0.05)
+    s.add_argument("--router-steps", type=_at_least(0), default=0, help="train quick routers for budgets without one")
+    s.add_argument("--max-patterns", type=_at_least(1), default=4096)
+    s.add_argument("--beam", type=_at_least(1), default=16)
+    s.add_argument("--help-threshold", type=_number(low=0.0), default=0.05)
     s.add_argument("--select-sequences", type=int, default=64,
                    help="training windows on which fixed patterns are chosen (0: on the scored windows)")
     s.add_argument("--no-variable-budget", action="store_true",
