@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -236,10 +237,8 @@ def test_slurm_sweep_equals_local_and_resumes_after_preemption(tmp_path, data_di
     assert not (dual / "eval.json").is_file()
     subprocess.run(["scancel", "--signal=USR2", _job(dual)], check=True)
     _wait_for(lambda: _queue_state(_job(dual)) == "PENDING", 120, "the requeued job")
-    try:
-        os.kill(child, signal.SIGCONT)  # its pending SIGTERM ends it, if Slurm has not already
-    except ProcessLookupError:
-        pass
+    with contextlib.suppress(ProcessLookupError):  # Slurm may have ended it already
+        os.kill(child, signal.SIGCONT)  # its pending SIGTERM ends it
     subprocess.run(["scontrol", "update", f"JobId={_job(dual)}", "StartTime=now"], check=True)  # skip the delay
 
     # results of whatever is finished, while a job is still queued or running
